@@ -1,0 +1,198 @@
+"""model.py against transformers' LlamaForCausalLM (test-only dependency) on tiny random configs."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from model import Llama, LlamaConfig, ModelError, flops_per_token, generate, save_pretrained
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 64}
+
+
+def hf_checkpoint(tmp_path, rope_scaling=None, tie=False, n_layers=3, shard="30KB", seed=0):
+    """A random HF Llama saved in shards; returns (hf_model, dir)."""
+    from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+    torch.manual_seed(seed)
+    cfg = HFConfig(vocab_size=97, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=8,
+                   num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-5, rope_theta=500000.0,
+                   rope_scaling=rope_scaling, max_position_embeddings=256, tie_word_embeddings=tie)
+    hf = LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():  # HF inits norms to 1 and small weights; perturb so every weight matters
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    d = str(tmp_path / "ckpt")
+    hf.save_pretrained(d, max_shard_size=shard)
+    return hf, d
+
+
+def padded_batch(side, vocab=97, lengths=(11, 7, 3)):
+    g = torch.Generator().manual_seed(1)
+    T = max(lengths)
+    ids = torch.zeros(len(lengths), T, dtype=torch.long)
+    attn = torch.zeros(len(lengths), T, dtype=torch.bool)
+    for i, n in enumerate(lengths):
+        sl = slice(T - n, T) if side == "left" else slice(0, n)
+        ids[i, sl] = torch.randint(1, vocab, (n,), generator=g)
+        attn[i, sl] = True
+    return ids, attn
+
+
+def assert_close(ours, ref, rel=1e-4):
+    scale = ref.abs().max().item()
+    diff = (ours - ref).abs().max().item()
+    assert diff <= rel * scale, f"max abs diff {diff:.3g} > {rel} * scale {scale:.3g}"
+
+
+@pytest.mark.parametrize("rope_scaling,tie", [(None, False), (LLAMA3_ROPE, False), (LLAMA3_ROPE, True)])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_logits_and_hidden_states_match_transformers(tmp_path, rope_scaling, tie, side):
+    hf, d = hf_checkpoint(tmp_path, rope_scaling, tie)
+    assert os.path.isfile(os.path.join(d, "model.safetensors.index.json"))  # sharding is exercised
+    ours = Llama.from_pretrained(d)
+    assert ours.config.tie_word_embeddings == tie
+    ids, attn = padded_batch(side)
+    pos = (attn.long().cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=attn.long(), position_ids=pos, output_hidden_states=True)
+        logits, hidden = ours(ids, attn_mask=attn, hidden=True)
+    assert hidden.shape == (4, 3, ids.shape[1], 64)
+    m = attn  # padding positions carry no meaning on either side
+    assert_close(logits[m], ref.logits[m])
+    for l in range(len(ref.hidden_states)):
+        assert_close(hidden[l][m], ref.hidden_states[l][m])
+
+
+def test_right_padding_needs_no_mask(tmp_path):
+    _, d = hf_checkpoint(tmp_path)
+    model = Llama.from_pretrained(d)
+    ids, attn = padded_batch("right")
+    with torch.no_grad():
+        a, ha = model(ids, attn_mask=attn, hidden=True)
+        b, hb = model(ids, hidden=True)  # causal only: the fast path training uses
+    assert_close(a[attn], b[attn], 1e-5)
+    assert_close(ha[:, attn], hb[:, attn], 1e-5)
+
+
+def test_truncated_model_reproduces_first_hidden_states(tmp_path):
+    _, d = hf_checkpoint(tmp_path, LLAMA3_ROPE, n_layers=4)
+    full = Llama.from_pretrained(d)
+    cut = Llama.from_pretrained(d, n_layers=2)
+    assert len(cut.layers) == 2 and cut.base_n_layers == 4 and cut.lm_head is None
+    ids, attn = padded_batch("left")
+    with torch.no_grad():
+        _, hf_ = full(ids, attn_mask=attn, hidden=True)
+        none, hc = cut(ids, attn_mask=attn, hidden=True, logits=False)
+    assert none is None and hc.shape[0] == 3
+    for l in range(2):  # the states entering blocks 0 and 1 are the same computation
+        assert_close(hc[l][attn], hf_[l][attn], 1e-6)
+    # the last entry is block 1's output after the final norm, as HF with num_hidden_layers=2
+    assert_close(hc[2][attn], full.norm(hf_[2])[attn], 1e-5)
+    with pytest.raises(ModelError, match="no lm_head"):
+        cut(ids)
+
+
+def test_kv_cache_generation_equals_argmax_redecoding(tmp_path):
+    _, d = hf_checkpoint(tmp_path, LLAMA3_ROPE, seed=3)
+    model = Llama.from_pretrained(d)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (9, 4, 6, 1)]
+    # stop on the tokens that some rows emit early, so rows end at different steps
+    free = [reference_greedy(model, p, 12, stop=()) for p in prompts]
+    stops = {free[0][2], free[2][5]}
+    got = generate(model, prompts, 12, stop_ids=stops, pad_id=0)
+    want = [reference_greedy(model, p, 12, stop=stops) for p in prompts]
+    assert got == want
+    assert len({len(w) for w in want}) > 1  # rows really stopped at different steps
+
+
+def reference_greedy(model, prompt, n, stop):
+    ids = list(prompt)
+    for _ in range(n):
+        with torch.no_grad():
+            logits, _ = model(torch.tensor([ids]))
+        ids.append(int(logits[0, -1].argmax()))
+        if ids[-1] in stop:
+            break
+    return ids[len(prompt):]
+
+
+def test_sampling_is_reproducible_with_a_generator(tmp_path):
+    _, d = hf_checkpoint(tmp_path)
+    model = Llama.from_pretrained(d)
+    run = lambda: generate(model, [[5, 6, 7], [8]], 8, stop_ids=(), temperature=1.0,
+                           generator=torch.Generator().manual_seed(7))
+    assert run() == run()
+
+
+def test_save_pretrained_roundtrip_loads_in_transformers(tmp_path):
+    from transformers import LlamaForCausalLM
+    _, d = hf_checkpoint(tmp_path, LLAMA3_ROPE)
+    model = Llama.from_pretrained(d)
+    out = str(tmp_path / "resaved")
+    save_pretrained(model, out, dtype=torch.float32)
+    hf = LlamaForCausalLM.from_pretrained(out).eval()
+    ids, _ = padded_batch("right", lengths=(8, 8))
+    with torch.no_grad():
+        assert_close(model(ids)[0], hf(input_ids=ids).logits)
+
+
+def test_flops_per_token_counts_the_8b_model():
+    cfg = LlamaConfig()  # Llama-3.1-8B shapes
+    params = 32 * (4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336)  # matmul weights of the blocks
+    assert flops_per_token(cfg, seq_len=0) == 2 * params
+    assert flops_per_token(cfg, 1000, lm_head=True) - flops_per_token(cfg, 0) == 4 * 32 * 1000 * 4096 + 2 * 4096 * 128256
+
+
+# --- bad input: one clear line naming the path or field -------------------------------------------
+
+def test_missing_dir_and_config(tmp_path):
+    with pytest.raises(ModelError, match="checkpoint directory not found"):
+        Llama.from_pretrained(str(tmp_path / "nope"))
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ModelError, match="config.json: not found"):
+        Llama.from_pretrained(str(tmp_path / "empty"))
+
+
+def test_config_that_is_not_a_llama(tmp_path):
+    _, d = hf_checkpoint(tmp_path)
+    cfg = json.load(open(os.path.join(d, "config.json")))
+    json.dump({**cfg, "model_type": "gpt2"}, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ModelError, match="model_type is 'gpt2'"):
+        Llama.from_pretrained(d)
+    del cfg["hidden_size"]
+    json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    with pytest.raises(ModelError, match="'hidden_size' is missing"):
+        Llama.from_pretrained(d)
+
+
+def test_missing_shard_missing_weights_and_too_many_blocks(tmp_path):
+    _, d = hf_checkpoint(tmp_path)
+    with pytest.raises(ModelError, match="asked for 9 blocks but the model has 3"):
+        Llama.from_pretrained(d, n_layers=9)
+    shard = sorted(f for f in os.listdir(d) if f.startswith("model-"))[-1]
+    os.remove(os.path.join(d, shard))
+    with pytest.raises(ModelError, match=f"{shard}: named in model.safetensors.index.json but missing"):
+        Llama.from_pretrained(d)
+    for f in os.listdir(d):
+        if f.endswith(".safetensors") or f.endswith(".index.json"):
+            os.remove(os.path.join(d, f))
+    with pytest.raises(ModelError, match="no model.safetensors"):
+        Llama.from_pretrained(d)
+
+
+def test_tensor_with_the_wrong_shape(tmp_path):
+    from safetensors.torch import load_file, save_file
+    _, d = hf_checkpoint(tmp_path, shard="10GB")
+    f = os.path.join(d, "model.safetensors")
+    sd = load_file(f)
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(5, 64)
+    save_file(sd, f)
+    with pytest.raises(ModelError, match=r"'model.layers.1.mlp.up_proj.weight' has shape \(5, 64\)"):
+        Llama.from_pretrained(d)
+    del sd["model.layers.1.mlp.up_proj.weight"]
+    save_file(sd, f)
+    with pytest.raises(ModelError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
+        Llama.from_pretrained(d)
