@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class ModelError(Exception):
@@ -183,6 +184,7 @@ class Llama(nn.Module):
         super().__init__()
         self.config = cfg
         self.base_n_layers = cfg.n_layers  # depth of the checkpoint; from_pretrained may build fewer
+        self.grad_checkpoint = False  # recompute each block in backward: memory for long sequences
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
@@ -198,10 +200,11 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, ids, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None):
+    def forward(self, ids, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None, last_only=False):
         """ids (B, T). attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None
         for unpadded / right-padded input, which needs only the causal mask and gets the fast kernels.
-        Returns (logits (B, T, vocab) or None, hidden (n_layers+1, B, T, dim) or None)."""
+        last_only computes logits for the last position only (generation: the lm_head is the big matmul).
+        Returns (logits (B, T or 1, vocab) or None, hidden (n_layers+1, B, T, dim) or None)."""
         B, T = ids.shape
         x = self.embed_tokens(ids)
         if attn_mask is None:
@@ -215,7 +218,10 @@ class Llama(nn.Module):
         cos, sin = self.rope(pos, x.dtype)
         states = [x]
         for i, block in enumerate(self.layers):
-            x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+            if self.grad_checkpoint and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
             states.append(x)
         x = self.norm(x)
         states[-1] = x  # as HF: the last hidden state is taken after the final norm
@@ -223,7 +229,7 @@ class Llama(nn.Module):
         if logits:
             if self.lm_head is None:
                 raise ModelError(f"this model keeps only {self.config.n_layers} of {self.base_n_layers} blocks; it has no lm_head")
-            out_logits = self.lm_head(x)
+            out_logits = self.lm_head(x[:, -1:] if last_only else x)
         return out_logits, torch.stack(states) if hidden else None
 
     # -------------------------------------------------------------------------
@@ -233,17 +239,8 @@ class Llama(nn.Module):
         n blocks (training needs blocks 0..max(layers)); such a model has no lm_head."""
         device = torch.device(device)
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        cfg = load_config(path)
         cfg_path = os.path.join(path, "config.json")
-        if not os.path.isdir(path):
-            raise ModelError(f"{path}: checkpoint directory not found")
-        if not os.path.isfile(cfg_path):
-            raise ModelError(f"{cfg_path}: not found (not a Hugging Face checkpoint directory?)")
-        try:
-            with open(cfg_path) as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
-        cfg = LlamaConfig.from_hf(hf, cfg_path)
         base_n_layers = cfg.n_layers
         if n_layers is not None:
             if not 1 <= n_layers <= base_n_layers:
@@ -266,6 +263,21 @@ class Llama(nn.Module):
         load_tensors(files, want, path)
         model.inv_freq = rope_frequencies(cfg).to(device)  # the one built under meta holds no data
         return model
+
+
+def load_config(path):
+    """The LlamaConfig of a Hugging Face checkpoint directory."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ModelError(f"{path}: checkpoint directory not found")
+    if not os.path.isfile(cfg_path):
+        raise ModelError(f"{cfg_path}: not found (not a Hugging Face checkpoint directory?)")
+    try:
+        with open(cfg_path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ModelError(f"{cfg_path}: invalid JSON ({e})") from None
+    return LlamaConfig.from_hf(hf, cfg_path)
 
 
 def checkpoint_files(path):
@@ -368,7 +380,7 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, pad_id=0
     n_out = torch.zeros(B, dtype=torch.long, device=device)
     start, x = 0, ids
     for t in range(max_new_tokens):
-        logits, _ = model(x, attn_mask=valid, cache=cache, start=start, pos=pos[:, start:start + x.shape[1]])
+        logits, _ = model(x, attn_mask=valid, cache=cache, start=start, pos=pos[:, start:start + x.shape[1]], last_only=True)
         logits = logits[:, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
