@@ -1,0 +1,264 @@
+"""
+Export a circuit breaker for the tools people already use (transformers, vLLM, PEFT, lm-eval):
+
+    python export.py out/ckpt.pt --out=cb-merged                     # merged full-depth HF checkpoint, bf16
+    python export.py out/ckpt.pt --out=cb-merged --dtype=float32 --shard_size=2GB
+    python export.py out/ckpt.pt --out=cb-adapter --adapter          # PEFT LoRA adapter
+    python export.py out/ckpt.pt --out=cb-merged --init_from=/models/Llama-3.1-8B-Instruct  # base moved
+
+Merged: training drops the blocks above max(layers), the export does not. Every tensor of the base is read
+file by file, the LoRA update W' = W + (lora_alpha / r) * B @ A folded into the wrapped projections in
+float32, cast to --dtype and written to safetensors shards as they fill, so memory stays near one shard
+(an 8B base exports on a machine with less RAM than its fp32 size). Blocks without LoRA, the embeddings,
+norms and lm_head are copied unchanged (byte-identical when --dtype is the base's dtype). config.json,
+generation_config.json and the tokenizer files come from the base.
+
+Adapter: adapter_config.json + adapter_model.safetensors under PEFT's names, float32 as trained, for
+`peft.PeftModel.from_pretrained(base, DIR)`.
+
+Either way the output is built in a temp dir next to --out and renamed at the end.
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import ModelError, checkpoint_files, load_config
+
+# -----------------------------------------------------------------------------
+out = ""  # output directory (required)
+adapter = False  # write a PEFT LoRA adapter instead of merged weights
+dtype = "bfloat16"  # merged weights: 'bfloat16' | 'float32' | 'float16'
+shard_size = "5GB"  # merged weights: most bytes per safetensors file ('500MB', '2GiB', 1000000, ...)
+force = False  # replace an existing non-empty --out
+init_from = ""  # base HF dir; '' = the one the checkpoint was trained on
+
+
+def fail(msg):
+    sys.exit(f"export.py: {msg}")
+
+
+# the checkpoint is a positional argument, which configurator.py would take for a config file; a bare
+# --flag of a boolean setting means --flag=True
+_args = [a for a in sys.argv[1:] if a.startswith("--") or a.endswith(".py")]
+_ckpts = [a for a in sys.argv[1:] if a not in _args]
+sys.argv[1:] = [f"{a}=True" if "=" not in a and isinstance(globals().get(a[2:]), bool) else a for a in _args]
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# -----------------------------------------------------------------------------
+
+# copied from the base when present; Llama's license asks that a derivative ship with its agreement
+HF_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "chat_template.jinja", "original", "LICENSE", "LICENSE.txt", "USE_POLICY.md")
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def parse_size(s):
+    """'5GB' -> 5_000_000_000 (decimal as Hugging Face's max_shard_size; KiB/MiB/GiB are binary)."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(s))
+    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
+        fail(f"--shard_size={s}: expected a size like 5GB, 500MB or 2GiB")
+    return int(float(m.group(1)) * units[m.group(2).upper()])
+
+
+def read_checkpoint(path):
+    """The training checkpoint's adapter and provenance, checked."""
+    if not os.path.isfile(path):
+        fail(f"{path}: no such checkpoint")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        fail(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    need = ("lora", "lora_config", "init_from")
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in need):
+        fail(f"{path}: not a train_cb.py checkpoint (needs {', '.join(need)})")
+    lora = ckpt["lora"]
+    mods = sorted({k.rsplit(".", 1)[0] for k in lora})
+    for m in mods:
+        a, b = lora.get(f"{m}.lora_a"), lora.get(f"{m}.lora_b")
+        if a is None or b is None or a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
+            fail(f"{path}: LoRA tensors of {m} are missing or not (r, in) and (out, r)")
+    if not mods:
+        fail(f"{path}: the checkpoint holds no LoRA tensors")
+    return ckpt, mods
+
+
+def tensor_shapes(files):
+    """Checkpoint name -> shape, from the safetensors headers only (no tensor is read)."""
+    shapes = {}
+    for file in sorted(set(files.values())):
+        try:
+            with safe_open(file, "pt") as f:
+                for name in f.keys():
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+        except Exception as e:  # truncated or corrupt: safetensors checks the header against the file size
+            fail(f"{file}: cannot read safetensors ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+    return shapes
+
+
+def check_base(base, ckpt, ckpt_path, mods):
+    """The base the adapter will be applied to: present, as deep as the training base, and every wrapped
+    projection of the shape the LoRA tensors were trained for."""
+    if not os.path.isdir(base):
+        fail(f"{base}: base model directory not found (the checkpoint was trained on it); "
+             f"point --init_from= at a copy of that base")
+    try:
+        cfg = load_config(base)
+        files = checkpoint_files(base)
+    except ModelError as e:
+        fail(str(e))
+    if ckpt.get("base_n_layers", cfg.n_layers) != cfg.n_layers:
+        fail(f"{base}: the base has {cfg.n_layers} blocks but {ckpt_path} was trained on one with "
+             f"{ckpt['base_n_layers']} (a different base model? pass --init_from=)")
+    shapes = tensor_shapes(files)
+    for m in mods:
+        a, b = ckpt["lora"][f"{m}.lora_a"], ckpt["lora"][f"{m}.lora_b"]
+        want = (b.shape[0], a.shape[1])
+        have = shapes.get(f"model.{m}.weight")
+        if have is None:
+            fail(f"{base}: no tensor model.{m}.weight for the adapter in {ckpt_path} (a different base model?)")
+        if have != want:
+            fail(f"{base}: model.{m}.weight is {have} but the adapter in {ckpt_path} expects {want} "
+                 f"(a different base model? pass --init_from=)")
+    return files
+
+
+def natural(name):
+    """Sort key putting embeddings first, blocks in numeric order (2 before 10), lm_head last."""
+    rank = 0 if "embed_tokens" in name else 1 if ".layers." in name else 3 if name.startswith("lm_head") else 2
+    return [rank] + [(0, int(s)) if s.isdigit() else (1, s) for s in re.split(r"(\d+)", name)]
+
+
+def write_merged(tmp, base, files, ckpt, mods, dt, max_shard):
+    """Stream the base into shards, LoRA folded in: at most one shard plus one tensor in memory."""
+    lc = ckpt["lora_config"]
+    scale = lc["lora_alpha"] / lc["r"]
+    lora, wrapped = ckpt["lora"], {f"model.{m}.weight": m for m in mods}
+    weight_map, shards, buf, buf_bytes, total = {}, [], {}, 0, 0
+
+    def flush():
+        nonlocal buf, buf_bytes
+        name = f"shard-{len(shards):05d}.safetensors"  # renamed model-0000i-of-0000n once n is known
+        save_file(buf, os.path.join(tmp, name), metadata={"format": "pt"})
+        shards.append((name, list(buf)))
+        buf, buf_bytes = {}, 0
+
+    for file in sorted(set(files.values())):
+        names = sorted((n for n, f in files.items() if f == file), key=natural)
+        for name in names:
+            # one open per tensor: a handle held across the whole file keeps every page read so far resident
+            # (measured: RSS grew to the file's size), one per tensor keeps only the shard being filled
+            with safe_open(file, "pt") as f:
+                t = f.get_tensor(name)
+            if name in wrapped:
+                m = wrapped.pop(name)
+                delta = (lora[f"{m}.lora_b"].float() @ lora[f"{m}.lora_a"].float()) * scale  # (out, in)
+                t = t.float() + delta
+            if t.is_floating_point() and t.dtype != dt:
+                t = t.to(dt)
+            t = t.contiguous()
+            nbytes = t.numel() * t.element_size()
+            if buf and buf_bytes + nbytes > max_shard:
+                flush()
+            buf[name], buf_bytes, total = t, buf_bytes + nbytes, total + nbytes
+    if buf:
+        flush()
+    n = len(shards)
+    for i, (name, keys) in enumerate(shards):
+        final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
+        weight_map.update({k: final for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural(kv[0])))}
+    with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
+        json.dump(index, fh, indent=2)
+
+    with open(os.path.join(base, "config.json")) as fh:
+        hf = json.load(fh)
+    dt_name = str(dt).removeprefix("torch.")
+    keys = [k for k in ("torch_dtype", "dtype") if k in hf] or ["torch_dtype"]  # 'dtype' since transformers 5
+    hf.update({k: dt_name for k in keys})
+    with open(os.path.join(tmp, "config.json"), "w") as fh:
+        json.dump(hf, fh, indent=2)
+    for name in HF_FILES:
+        src = os.path.join(base, name)
+        if os.path.isdir(src):
+            shutil.copytree(src, os.path.join(tmp, name))
+        elif os.path.isfile(src):
+            shutil.copy2(src, os.path.join(tmp, name))
+    return n, total
+
+
+def write_adapter(tmp, base, ckpt, mods):
+    """PEFT's layout: a LoraConfig as JSON and the tensors under the names PeftModel saves (the adapter
+    name left out), lora_A (r, in) and lora_B (out, r) as ours."""
+    lc = ckpt["lora_config"]
+    tensors = {}
+    for m in mods:
+        tensors[f"base_model.model.model.{m}.lora_A.weight"] = ckpt["lora"][f"{m}.lora_a"].float().contiguous()
+        tensors[f"base_model.model.model.{m}.lora_B.weight"] = ckpt["lora"][f"{m}.lora_b"].float().contiguous()
+    save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+    layers = sorted({int(m.split(".")[1]) for m in mods})
+    targets = [t for t in lc["targets"] if any(m.endswith("." + t) for m in mods)]
+    config = dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=os.path.abspath(base),
+                  r=lc["r"], lora_alpha=lc["lora_alpha"], lora_dropout=ckpt.get("config", {}).get("lora_dropout", 0.0),
+                  target_modules=targets, layers_to_transform=layers, layers_pattern="layers", bias="none",
+                  fan_in_fan_out=False, use_rslora=False, use_dora=False, init_lora_weights=True,
+                  inference_mode=True, modules_to_save=None, rank_pattern={}, alpha_pattern={})
+    with open(os.path.join(tmp, "adapter_config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+
+
+# -----------------------------------------------------------------------------
+if len(_ckpts) != 1:
+    fail("usage: python export.py CKPT.pt --out=DIR [--adapter] [--dtype=bfloat16|float32] [--shard_size=5GB] "
+         "[--force] [--init_from=BASE_DIR]")
+ckpt_path = _ckpts[0]
+if not out:
+    fail("--out=DIR is required")
+if dtype not in DTYPES:
+    fail(f"--dtype={dtype}: choose among {', '.join(DTYPES)}")
+max_shard = parse_size(shard_size)
+out_dir = os.path.abspath(out)
+if os.path.exists(out_dir) and not force and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    fail(f"{out}: already exists and is not empty (pass --force to replace it)")
+
+ckpt, mods = read_checkpoint(ckpt_path)
+base = init_from or ckpt["init_from"]
+files = check_base(base, ckpt, ckpt_path, mods)
+
+os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
+try:
+    if adapter:
+        write_adapter(tmp, base, ckpt, mods)
+        what = f"PEFT adapter ({len(mods)} LoRA modules on blocks {sorted({int(m.split('.')[1]) for m in mods})})"
+    else:
+        n, total = write_merged(tmp, base, files, ckpt, mods, DTYPES[dtype], max_shard)
+        what = f"merged {dtype} checkpoint, {total / 1e9:.2f} GB in {n} shard(s)"
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 and safetensors' 0600 would hide the export from other users
+    for name in os.listdir(tmp):
+        if name.endswith(".safetensors"):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
+    # swap in: the old output (with --force) is moved aside first, so a crash leaves one whole directory
+    old = None
+    if os.path.lexists(out_dir):
+        old = tmp + ".old"
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    if old:
+        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
+except BaseException as e:  # a full disk, ^C, a crash: no half-written export is left behind
+    shutil.rmtree(tmp, ignore_errors=True)
+    if isinstance(e, OSError):
+        fail(f"{out}: writing the export failed ({e}); nothing was written")
+    raise
+print(f"export.py: wrote {what} to {out}")
