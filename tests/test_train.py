@@ -1,0 +1,211 @@
+"""train_cb.py end to end on a tiny random Llama (fp32, CPU, subprocesses): the rerouting cosine falls from the
+first steps, accumulation and torchrun give the gradient of the big batch, a SIGTERM + resume equals an
+uninterrupted run bit for bit, the checkpoint is safe to load, and bad input stops with one line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+from tiny import ROOT, run_train, tiny_base, tiny_data, train_cmd
+
+# A 2-step run where step 1 has both terms (default alpha_decay_multiplier 2: c_rr 7.5, c_retain 2.5), no
+# clipping and no dropout, so the gradient is a pure function of the batch: the reference for accumulation
+# and torchrun. exp_avg after Adam's first step is (1 - beta1) * grad, so comparing it compares gradients.
+EXACT = ("--max_steps=2", "--grad_clip=0", "--lora_dropout=0")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return tiny_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def reference(base, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("reference")
+    run_train(base, data_dir, out, *EXACT)
+    return out
+
+
+def read_log(out):
+    rows = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    return {r["step"]: r for r in rows if "c_rr" in r}, [r["val_cos"] for r in rows if "val_cos" in r]
+
+
+def load_ckpt(out):
+    return torch.load(os.path.join(out, "ckpt.pt"), map_location="cpu", weights_only=True)
+
+
+def exp_avg(ckpt):
+    state = ckpt["optimizer"]["state"]
+    return torch.cat([state[i]["exp_avg"].flatten() for i in sorted(state)])
+
+
+def lora_flat(ckpt):
+    return torch.cat([v.flatten() for _, v in sorted(ckpt["lora"].items())])
+
+
+def assert_same_gradients(out, ref):
+    got, want = load_ckpt(out), load_ckpt(ref)
+    assert got["step"] == want["step"] == 2
+    for a, b in ((exp_avg(got), exp_avg(want)), (lora_flat(got), lora_flat(want))):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    log, ref_log = read_log(out)[0], read_log(ref)[0]
+    for step in (1, 2):
+        for key in ("loss_rr", "loss_retain"):
+            assert log[step][key] == pytest.approx(ref_log[step][key], rel=1e-5, abs=1e-7)
+
+
+# --- learning -------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def learning(base, data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("learning")
+    run_train(base, data_dir, out, "--max_steps=30", "--lr=3e-3", "--eval_interval=30")
+    return read_log(out)
+
+
+def test_rerouting_cosine_falls_from_the_first_steps_and_retain_pulls_benign_states_back(learning):
+    log, val_cos = learning
+    assert sorted(log) == list(range(1, 31))
+    assert log[1]["cos_mean"] > 0.999  # B ~ 1e-3: the start is (almost) the frozen model
+    assert log[5]["cos_mean"] < log[1]["cos_mean"] - 0.01  # already moving after 4 updates, in fp32 on a CPU
+    assert log[30]["cos_mean"] < 0.6  # ~0.36
+    assert len(val_cos) == 1 and val_cos[0] < 0.7  # held-out harmful samples move too (~0.36)
+    # retain (logged from step 2: c_retain = 0 at step 0): its states drift while c_retain is small, then are
+    # pulled back as it grows (l2 peaks ~1.8, ends ~1.2; cosine >= ~0.74). With the retain term all but off
+    # (--alpha_decay_multiplier=1000) the same run drifts steadily to l2 ~7.7 and cosine ~0.31.
+    l2 = [log[s]["l2"] for s in range(2, 31)]
+    assert all(log[s]["cos"] > 0.6 for s in range(2, 31))
+    assert log[30]["l2"] < 1.5 * log[30]["frozen_norm"] and log[30]["l2"] < 0.85 * max(l2)
+
+
+def test_zero_b_init_starts_where_the_rerouting_gradient_vanishes(base, data_dir, learning, tmp_path):
+    # the original's B = 0: every cosine is exactly 1, the maximum, so step 0's gradient is fp noise (~1e-7
+    # here); the default tiny random B gives a real one (~0.07). Step 1's gnorm is taken before any update.
+    run_train(base, data_dir, tmp_path, "--max_steps=1", "--lora_b_init_std=0.0")
+    zero, default = read_log(tmp_path)[0][1], learning[0][1]
+    assert zero["c_retain"] == default["c_retain"] == 0.0  # step 0 is the rerouting term alone
+    assert zero["cos_mean"] == 1.0 and zero["loss_rr"] == 1.0
+    assert zero["gnorm"] < 1e-5
+    assert default["gnorm"] > 1e-2
+
+
+# --- the big batch, however it is split -----------------------------------------------------------------------
+
+def test_step_batches_have_unequal_shares(data_dir):
+    # what makes the accumulation and torchrun tests able to fail: if every micro-batch held the same number of
+    # rerouted positions and retain tokens, averaging micro-batch losses would equal weighting them by share
+    tok = data.load_tokenizer()
+    samples = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    harmful = [data.encode_sample(tok, s) for s in samples if s["kind"] == "harmful"]
+    retain = [data.encode_sample(tok, s) for s in samples if s["kind"] != "harmful"]
+    for step in (0, 1):  # the reference's two steps (seed 1337, train_cb's default), split 4 x 1 and 2 x 2
+        masked = [sum(e["cb_mask"]) for e in data.step_batch(harmful, step, 4, 1337, salt=0)]
+        lengths = [len(e["ids"]) for e in data.step_batch(retain, step, 4, 1337, salt=1)]
+        assert len(set(masked)) > 1 and sum(masked[:2]) != sum(masked[2:]), masked
+        assert len(set(lengths)) > 1 and max(lengths[:2]) != max(lengths[2:]), lengths  # padding differs
+
+
+def test_grad_accum_gives_the_gradient_of_the_whole_batch(base, data_dir, reference, tmp_path):
+    run_train(base, data_dir, tmp_path, *EXACT, "--grad_accum=4")
+    assert_same_gradients(tmp_path, reference)
+
+
+def test_torchrun_two_processes_match_one_with_the_same_global_batch(base, data_dir, reference, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           *train_cmd(base, data_dir, tmp_path, *EXACT)]
+    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 process(es)" in p.stdout  # really distributed: two lone processes would each match the reference
+    assert_same_gradients(tmp_path, reference)
+
+
+# --- preemption, resume, checkpoint ---------------------------------------------------------------------------
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run_bit_for_bit(base, data_dir, tmp_path):
+    # dropout on, clipping on, cosine schedule with warmup: everything a resume has to restore
+    n = 6
+    args = ("--max_steps=6", "--lr=3e-3", "--lr_schedule=cosine", "--warmup_steps=2", "--lora_dropout=0.1")
+    run_train(base, data_dir, tmp_path / "whole", *args)
+    # stop the second run once it has logged its first step: it finishes the step it is in, saves, exits 0
+    p = subprocess.Popen([sys.executable, *train_cmd(base, data_dir, tmp_path / "cut", *args)], cwd=ROOT, text=True,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    for line in p.stdout:
+        if line.startswith("step    1 |"):
+            p.send_signal(signal.SIGTERM)
+            break
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err
+    assert "SIGTERM: checkpoint saved" in out
+    assert 1 <= load_ckpt(tmp_path / "cut")["step"] < n
+    run_train(base, data_dir, tmp_path / "cut", "--init_from=resume", "--max_steps=6")
+    whole, cut = load_ckpt(tmp_path / "whole"), load_ckpt(tmp_path / "cut")
+    assert cut["step"] == whole["step"] == n
+    assert whole["lora"].keys() == cut["lora"].keys()
+    assert all(torch.equal(whole["lora"][key], cut["lora"][key]) for key in whole["lora"])
+    assert torch.equal(exp_avg(whole), exp_avg(cut))
+    # every logged loss, coefficient, lr, gradient norm and cosine, step by step, and the validation cosine
+    untimed = lambda row: {k: v for k, v in row.items() if k not in ("tokens_per_s", "mfu", "mem_gib")}
+    (whole_log, whole_val), (cut_log, cut_val) = read_log(tmp_path / "whole"), read_log(tmp_path / "cut")
+    assert sorted(cut_log) == list(range(1, n + 1)) and cut_val == whole_val
+    assert all(untimed(row) == untimed(cut_log[step]) for step, row in whole_log.items())
+
+
+def test_checkpoint_loads_safely_and_records_its_origin(base, reference):
+    ckpt = load_ckpt(reference)  # weights_only=True: tensors and plain containers only
+    assert not os.path.exists(os.path.join(reference, "ckpt.pt.tmp"))
+    assert ckpt["step"] == 2
+    assert ckpt["init_from"] == os.path.abspath(base)
+    assert ckpt["layers"] == [1, 2] and ckpt["base_n_layers"] == 4
+    assert ckpt["config"]["lora_r"] == 4 and ckpt["config"]["batch_size"] == 4
+    assert tuple(ckpt["config"]["layers"]) == (1, 2) and ckpt["config"]["lora_dropout"] == 0
+    assert ckpt["lora_config"]["r"] == 4 and ckpt["lora_config"]["layers"] == [0, 1, 2]  # blocks 0..max(layers)
+    assert {k.split(".")[1] for k in ckpt["lora"]} == {"0", "1", "2"}
+    assert len(ckpt["lora"]) == 3 * 7 * 2  # q k v o gate up down, A and B each
+
+
+# --- bad input: one line, no traceback ------------------------------------------------------------------------
+
+def base_without_tokenizer(base, tmp_path):
+    path = tmp_path / "no_tokenizer"
+    shutil.copytree(base, path, ignore=shutil.ignore_patterns("tokenizer.model"))
+    return path
+
+
+def train_file_with_text_completion(data_dir, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
+    i = next(i for i, r in enumerate(rows) if r["kind"] == "harmful")
+    rows[i]["completion"] = {"content": "Sure, I will search the web for that."}
+    path = tmp_path / "train.jsonl"
+    data.write_jsonl(str(path), rows)
+    return f"--train_file={path}", "--cb_mask=tool_name"
+
+
+@pytest.mark.parametrize("make_args, words", [
+    (lambda b, d, t: ("--layers=1,4",), "beyond"),
+    (lambda b, d, t: ("--layers=()",), "layers must be a non-empty"),
+    (lambda b, d, t: ("--lorra_alpha=-1",), "lorra_alpha"),
+    (lambda b, d, t: ("--lorra_alfa=10",), "unknown config key 'lorra_alfa'"),
+    (lambda b, d, t: (f"--init_from={base_without_tokenizer(b, t)}",), "tokenizer.model"),
+    (lambda b, d, t: train_file_with_text_completion(d, t), "nothing to reroute"),
+], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "unknown_key", "no_tokenizer", "empty_mask"])
+def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
+    p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1, p.stderr
+    assert lines[0].startswith(("train_cb.py:", "config error:")) and words in lines[0], lines[0]
+    assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
