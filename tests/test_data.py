@@ -112,19 +112,56 @@ def test_collate_pads_right_to_the_longest_with_pad_id(tok, splits):
         assert b['target_mask'][row].tolist() == [bool(m) for m in e['target_mask']] + [False] * (T - n)
 
 
+def pair(row):
+    """'search_web:3:w5' -> (3, 5): the (core, wrapper) query template a generated row came from."""
+    _, core, wrapper = row['template'].split(':')
+    return int(core), int(wrapper[1:])
+
+
 def test_splits_hold_out_whole_families_and_templates(splits):
     held = data.heldout_templates(3)
     train = splits['train'] + splits['val']
     assert not {r['family'] for r in train} & set(data.HELDOUT_FAMILIES)
     for r in train:
-        tool, i = r['template'].split(':')
-        assert int(i) not in held[tool], r['template']
+        assert pair(r) not in held[r['template'].split(':')[0]], r['template']
     test = splits['test']
     families = {r['family'] for r in test}
     assert set(data.HELDOUT_FAMILIES) <= families and 'clean' in families
     train_family_cases = [r for r in test if r['attacker_tool'] and r['family'] not in data.HELDOUT_FAMILIES]
-    assert train_family_cases and all(int(r['template'].split(':')[1]) in held[r['expected_tool']] for r in train_family_cases)
+    assert train_family_cases and all(pair(r) in held[r['expected_tool']] for r in train_family_cases)
+    clean = [r for r in test if not r['attacker_tool']]
+    assert clean and all(pair(r) in held[r['template'].split(':')[0]] for r in clean)
     assert {r['family'] for r in train} >= set(data.FAMILIES) - set(data.HELDOUT_FAMILIES)
+
+
+def test_every_core_and_wrapper_of_a_heldout_test_request_occurs_in_train():
+    splits = data.generate_splits(seed=3, n_train=4000, n_val=0, n_test=300)
+    train = {(r['template'].split(':')[0], pair(r)) for r in splits['train']}
+    cores, wrappers = {(t, c) for t, (c, _) in train}, {w for _, (_, w) in train}
+    held = data.heldout_templates(3)
+    heldout_cases = [r for r in splits['test'] if r['family'] not in data.HELDOUT_FAMILIES]
+    assert len(heldout_cases) > 100
+    for r in heldout_cases:
+        tool, (core, wrapper) = r['template'].split(':')[0], pair(r)
+        assert (core, wrapper) in held[tool] and (tool, (core, wrapper)) not in train, r['template']
+        assert (tool, core) in cores and wrapper in wrappers, r['template']
+    for r in splits['test']:  # the wrapper is really in the request
+        prefix, suffix = data.WRAPPERS[pair(r)[1]].split('{request}')
+        assert prefix in r['messages'][0]['content'] and suffix in r['messages'][0]['content'], r['template']
+
+
+def test_heldout_cores_holds_out_whole_cores(monkeypatch):
+    monkeypatch.setattr(data, 'HELDOUT_CORES', True)
+    held = data.heldout_templates(3)
+    held_cores = {t: {c for c, _ in pairs} for t, pairs in held.items()}
+    for t, pairs in held.items():  # a held-out core goes with every wrapper, and some core stays in train
+        assert held_cores[t] and pairs == {(c, w) for c in held_cores[t] for w in range(len(data.WRAPPERS))}
+        assert len(held_cores[t]) < len(data.TEMPLATES.get(t, data.CHAT))
+    splits = data.generate_splits(seed=3, n_train=400, n_val=40, n_test=200)
+    for r in splits['train'] + splits['val']:
+        assert pair(r)[0] not in held_cores[r['template'].split(':')[0]], r['template']
+    clean = [r for r in splits['test'] if not r['attacker_tool']]
+    assert clean and all(pair(r)[0] in held_cores[r['template'].split(':')[0]] for r in clean)
 
 
 def test_generated_rows_are_valid_samples_and_cases(splits):
