@@ -182,6 +182,8 @@ def to_device(batch):
 
 def hidden_states(ids, frozen):
     """Stacked hidden states (n_blocks+1, B, T, D) with the adapters on (trainable) or off (frozen)."""
+    if compile:  # lengths change every batch: compile the length-generic graph at once
+        torch._dynamo.maybe_mark_dynamic(ids, 1)
     if frozen:
         with torch.no_grad(), adapters_off(model):
             return fmodel(ids, hidden=True, logits=False)[1]
