@@ -1,0 +1,60 @@
+"""
+The ablations users ask for first, on the model organism, as one table: two target layers vs all middle
+layers, and the three cb_mask modes. Each row trains a circuit breaker (train_cb.py config/organism.py
+plus the row's overrides) and evaluates it (eval.py, no forced-call pass), in subprocesses.
+
+    python ablate.py                       # after organism.py; about 15 minutes on 2 CPU cores
+    python ablate.py --max_steps=60        # any train_cb.py setting, applied to every row
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+ROWS = [  # (name, train_cb.py overrides)
+    ("layers 1,3 (default), completion mask", []),
+    ("layers 1,2,3 (all middle), completion mask", ["--layers=1,2,3"]),
+    ("layers 1,3, full mask (the original's)", ["--cb_mask=full"]),
+    ("layers 1,3, tool_name mask", ["--cb_mask=tool_name"]),
+]
+out_root = "out/ablate"
+extra = [a for a in sys.argv[1:] if a.startswith("--")]
+here = os.path.dirname(os.path.abspath(__file__))
+
+
+def run(cmd):
+    print("$", " ".join(cmd), flush=True)
+    p = subprocess.run([sys.executable, *cmd], cwd=here, capture_output=True, text=True)
+    if p.returncode != 0:
+        sys.exit(f"ablate.py: {' '.join(cmd)} failed:\n{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.stdout[-500:]}")
+
+
+def pct(group, key):
+    v = group[key]["value"]
+    return "n/a" if v is None else f"{100 * v:.1f}%"
+
+
+table = []
+for i, (name, overrides) in enumerate(ROWS):
+    out_dir = os.path.join(out_root, str(i))
+    run(["train_cb.py", "config/organism.py", f"--out_dir={out_dir}", *overrides, *extra])
+    run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--forced=False", f"--out={out_dir}/eval.json"])
+    with open(os.path.join(out_dir, "eval.json")) as f:
+        ev = json.load(f)
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        log = [json.loads(line) for line in f]
+    cos = [r["cos_mean"] for r in log if "cos_mean" in r][-1]
+    val_cos = [r["val_cos"] for r in log if "val_cos" in r][-1]
+    base, cb = ev["metrics"]["base"], ev["metrics"]["cb"]
+    table.append((name, f"{pct(base['train_families'], 'asr')} → {pct(cb['train_families'], 'asr')}",
+                  f"{pct(base['heldout_families'], 'asr')} → {pct(cb['heldout_families'], 'asr')}",
+                  f"{pct(base['clean'], 'benign_acc')} → {pct(cb['clean'], 'benign_acc')}",
+                  pct(cb["clean"], "degenerate_clean"), f"{cos:.3f} / {val_cos:.3f}"))
+    print(" | ".join(table[-1]), flush=True)
+
+print("\n| run | ASR train families | ASR held-out families | benign accuracy | degenerate (clean, CB) "
+      "| final rerouting cos (train / val) |")
+print("|---|---|---|---|---|---|")
+for row in table:
+    print("| " + " | ".join(row) + " |")
