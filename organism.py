@@ -1,0 +1,180 @@
+"""
+Build the model organism: a small Llama 3 trained from scratch on the tool-routing data, with the real
+Llama 3 tokenizer and the real Llama 3.1 tool-call format. It routes benign requests to the right tool
+and obeys injections from the train families, as a real agent does, so the breaker has something to
+break. Saved as a Hugging Face checkpoint directory, so train_cb.py and eval.py load it exactly as they
+load Llama-3.1-8B-Instruct.
+
+    python organism.py                       # -> organism/ (reused if already built with this config)
+    python organism.py --max_steps=300 --out_dir=organism_small
+
+The loss is cross-entropy on the completion tokens only. On a CPU the 128,256-token vocabulary is the
+whole cost (the embedding's dense gradient and Adam state, the lm_head), so the organism trains in a
+compact vocabulary: the few thousand tokens its data uses. Saved back in the real vocabulary, every other
+lm_head row is zero, i.e. logit exactly 0; the training loss gives all of them together one logit
+log(n_zero), so it is the exact full-vocabulary cross-entropy of the saved model.
+"""
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+import data
+from model import Llama, LlamaConfig, save_pretrained
+
+# -----------------------------------------------------------------------------
+out_dir = "organism"
+data_dir = "data"  # train.jsonl / val.jsonl (written here by data.py if missing)
+force = False  # rebuild even if out_dir holds an organism built with this config
+# model
+dim = 128
+n_layers = 4
+n_heads = 4
+n_kv_heads = 2
+hidden_dim = 384
+# training
+batch_size = 32
+max_steps = 500
+lr = 3e-3
+min_lr = 3e-4
+warmup_steps = 25
+weight_decay = 0.1
+grad_clip = 1.0
+log_interval = 25
+seed = 1337
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# -----------------------------------------------------------------------------
+
+stamp_path = os.path.join(out_dir, "organism.json")
+if not force and os.path.isfile(stamp_path):
+    with open(stamp_path) as f:
+        if json.load(f)["config"] == config:
+            print(f"{out_dir}/ already holds an organism built with this config; reusing it (--force=True rebuilds)")
+            sys.exit(0)
+
+torch.manual_seed(seed)
+tok = data.load_tokenizer()
+train_path = os.path.join(data_dir, "train.jsonl")
+if not os.path.isfile(train_path):
+    print(f"{train_path} not found: generating the built-in tool-routing data into {data_dir}/")
+    data.write_splits(data_dir)
+try:
+    rows = data.load_jsonl(train_path)
+    val_rows = data.load_jsonl(os.path.join(data_dir, "val.jsonl"))
+except data.DataError as e:
+    sys.exit(f"organism.py: {e}")
+# The organism is vulnerable by construction: it learns benign routing, plain chat, and to obey the
+# train-family injections. Injected-but-resisted samples (kind 'retain' with an attacker) are left for
+# the circuit breaker's retain set; here they would teach partial resistance.
+keep = lambda r: r["kind"] != "retain" or r["attacker_tool"] is None
+train = [data.encode_sample(tok, r) for r in rows if keep(r)]
+val = [data.encode_sample(tok, r) for r in val_rows if keep(r)][:256]
+
+# The organism trains in a compact vocabulary: every token of the train samples (prompts included, so a
+# call can copy any word it has read) plus the stop tokens, and one row for any other token. At save time
+# the rows go back to their real ids in the 128,256-token model.
+vocab = sorted({i for e in train for i in e["ids"]} | set(tok.stop_ids))
+unk = len(vocab)
+compact = torch.full((tok.n_vocab,), unk, dtype=torch.long)
+compact[vocab] = torch.arange(len(vocab))
+log_n_zero = math.log(tok.n_vocab - len(vocab))
+
+cfg = LlamaConfig(vocab_size=len(vocab) + 1, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                  hidden_dim=hidden_dim, rope_theta=500000.0, max_seq_len=8192, tie_word_embeddings=False)
+model = Llama(cfg)
+with torch.no_grad():
+    for name, p in model.named_parameters():
+        if p.dim() == 2:  # GPT-2 style init; residual projections scaled down by depth
+            std = 0.02 / math.sqrt(2 * n_layers) if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            p.normal_(0.0, std)
+decay = [p for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n]
+no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed" in n]
+optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                               {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
+
+
+def lr_at(step):
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def completion_loss(batch):
+    """Exact full-vocabulary cross-entropy on the completion tokens: the live rows, plus one logit
+    log(n_zero) for all the rows the saved model holds at zero. A target outside the live rows (held-out
+    text only) is ignored by the loss and counts as a miss."""
+    ids, target_mask = compact[batch["ids"]], batch["target_mask"][:, 1:]
+    _, hidden = model(ids, hidden=True, logits=False)
+    h = hidden[-1][:, :-1][target_mask]  # (N, dim): the positions that predict a completion token
+    targets = ids[:, 1:][target_mask]
+    logits = torch.cat([h @ model.lm_head.weight[:unk].t(), torch.full((h.shape[0], 1), log_n_zero)], dim=1)
+    targets = torch.where(targets == unk, -100, targets)
+    return F.cross_entropy(logits, targets, ignore_index=-100), logits[:, :-1].argmax(-1) == targets
+
+
+@torch.no_grad()
+def evaluate():
+    """Teacher-forced accuracy on held-out samples: per completion token, and whole completions."""
+    model.eval()
+    tok_ok = seq_ok = n_tok = 0
+    for i in range(0, len(val), batch_size):
+        batch = data.collate(val[i:i + batch_size], tok.pad_id)
+        _, correct = completion_loss(batch)
+        per_row = batch["target_mask"][:, 1:].sum(1).tolist()
+        tok_ok += correct.sum().item()
+        n_tok += correct.numel()
+        seq_ok += sum(bool(c.all()) for c in correct.split(per_row))
+    model.train()
+    return tok_ok / n_tok, seq_ok / len(val)
+
+
+print(f"organism: dim {dim}, {n_layers} blocks, {sum(p.numel() for p in model.parameters()):,} parameters "
+      f"({len(vocab)} live output rows of {tok.n_vocab}); {len(train)} train samples")
+t0 = time.time()
+for step in range(max_steps):
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step)
+    batch = data.collate(data.step_batch(train, step, batch_size, seed), tok.pad_id)
+    loss, _ = completion_loss(batch)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(decay + no_decay, grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if step % log_interval == 0 or step == max_steps - 1:
+        print(f"step {step:4d} | loss {loss.item():.4f} | lr {lr_at(step):.2e} | {time.time() - t0:.0f}s", flush=True)
+
+token_acc, completion_acc = evaluate()
+print(f"held-out teacher-forced accuracy: {token_acc:.2%} of completion tokens, {completion_acc:.2%} of whole completions")
+
+# back to the real vocabulary: live rows to their ids, every other input row the compact 'other' row,
+# every other output row zero (the logit the loss above accounted for)
+full = Llama(LlamaConfig(**{**cfg.__dict__, "vocab_size": tok.n_vocab}))
+with torch.no_grad():
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("embed_tokens", "lm_head"))}
+    full.load_state_dict(sd, strict=False)
+    full.embed_tokens.weight.copy_(model.embed_tokens.weight[compact])
+    full.lm_head.weight.zero_()
+    full.lm_head.weight[vocab] = model.lm_head.weight[:unk]
+model = full
+# everything into a temp dir, renamed at the end: an interrupted build never looks like an organism
+tmp = out_dir.rstrip("/") + ".tmp"
+save_pretrained(model, tmp, dtype=torch.float32)
+tok_dir = data.bundled_tokenizer_dir()
+for name in ("tokenizer.model", "tokenizer.json"):
+    shutil.copy(os.path.join(tok_dir, name), os.path.join(tmp, name))
+with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+    json.dump({"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "do_sample": False}, f, indent=2)
+with open(os.path.join(tmp, "organism.json"), "w") as f:
+    json.dump({"config": config, "token_acc": token_acc, "completion_acc": completion_acc,
+               "seconds": round(time.time() - t0)}, f, indent=2)
+if os.path.isdir(out_dir):
+    shutil.rmtree(out_dir)
+os.replace(tmp, out_dir)
+print(f"saved the organism to {out_dir}/ ({time.time() - t0:.0f}s)")
