@@ -5,6 +5,7 @@ plus the row's overrides) and evaluates it (eval.py, no forced-call pass), in su
 
     python ablate.py                       # after organism.py; about 15 minutes on 2 CPU cores
     python ablate.py --max_steps=60        # any train_cb.py setting, applied to every row
+    python ablate.py --rows=1,2            # only these rows (a row already in out/ablate/N is reused)
 """
 
 import json
@@ -19,7 +20,9 @@ ROWS = [  # (name, train_cb.py overrides)
     ("layers 1,3, tool_name mask", ["--cb_mask=tool_name"]),
 ]
 out_root = "out/ablate"
-extra = [a for a in sys.argv[1:] if a.startswith("--")]
+rows = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")]
+rows = [int(i) for i in rows[0].split(",")] if rows else list(range(len(ROWS)))
+extra = [a for a in sys.argv[1:] if a.startswith("--") and not a.startswith("--rows=")]
 here = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -38,8 +41,11 @@ def pct(group, key):
 table = []
 for i, (name, overrides) in enumerate(ROWS):
     out_dir = os.path.join(out_root, str(i))
-    run(["train_cb.py", "config/organism.py", f"--out_dir={out_dir}", *overrides, *extra])
-    run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--forced=False", f"--out={out_dir}/eval.json"])
+    if i in rows:
+        run(["train_cb.py", "config/organism.py", f"--out_dir={out_dir}", *overrides, *extra])
+        run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--forced=False", f"--out={out_dir}/eval.json"])
+    if not os.path.isfile(os.path.join(out_dir, "eval.json")):
+        continue
     with open(os.path.join(out_dir, "eval.json")) as f:
         ev = json.load(f)
     with open(os.path.join(out_dir, "log.jsonl")) as f:

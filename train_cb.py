@@ -155,13 +155,14 @@ if not train_file and not os.path.isfile(train_path):
         dist.barrier()
 try:
     samples = data.load_jsonl(train_path)
-    harmful = [data.encode_sample(tok, s, cb_mask) for s in samples if s["kind"] == "harmful"]
+    harmful_rows = [s for s in samples if s["kind"] == "harmful"]
+    harmful = [data.encode_sample(tok, s, cb_mask) for s in harmful_rows]
     retain = [data.encode_sample(tok, s, cb_mask) for s in samples if s["kind"] != "harmful"]
     if not harmful or not retain:
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others)")
     report = data.mask_report(harmful, ["harmful"] * len(harmful), cb_mask, tok.python_tag_id)
-    empty = [s["id"] for s, e in zip((s for s in samples if s["kind"] == "harmful"), harmful) if not any(e["cb_mask"])]
+    empty = [s["id"] for s, e in zip(harmful_rows, harmful) if not any(e["cb_mask"])]
     if empty:
         fail(f"{train_path}: sample {empty[0]} has nothing to reroute under cb_mask={cb_mask!r} (an empty mask)")
     val = []
