@@ -376,8 +376,8 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, pad_id=0
              for _ in range(cfg.n_layers)]
     stop = torch.tensor(sorted(set(stop_ids)), device=device)
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
+    rows = torch.arange(B, device=device)  # the rows still generating; finished ones leave the batch
     start, x = 0, ids
     for t in range(max_new_tokens):
         logits, _ = model(x, attn_mask=valid, cache=cache, start=start, pos=pos[:, start:start + x.shape[1]], last_only=True)
@@ -387,14 +387,17 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, pad_id=0
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:
             nxt = logits.argmax(-1)
-        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
-        out[:, t] = nxt
-        n_out += (~done).long()
-        done |= torch.isin(nxt, stop)
+        out[rows, t] = nxt
+        n_out[rows] += 1
         start += x.shape[1]
-        x = nxt[:, None]
-        if bool(done.all()):
+        live = ~torch.isin(nxt, stop)
+        if not bool(live.any()):
             break
+        if not bool(live.all()):  # drop the finished rows: one that runs long no longer carries the others
+            keep = live.nonzero().squeeze(1)
+            rows, nxt, valid, pos = rows[keep], nxt[keep], valid[keep], pos[keep]
+            cache = [(k[keep], v[keep]) for k, v in cache]
+        x = nxt[:, None]
     return [out[i, :n_out[i]].tolist() for i in range(B)]
 
 
