@@ -67,7 +67,7 @@ HELDOUT_CORES = False
 # test mix: clean cases, injected with train families (held-out templates), injected with held-out families
 TEST_CLEAN_SHARE = 0.4
 TEST_TRAIN_FAMILY_SHARE = 0.3
-cb_mask = 'completion'  # 'completion' | 'full' | 'tool_name': which tokens the rerouting loss sees
+cb_mask = 'completion'  # 'completion' | 'full' | 'tool_name' | 'tool_choice': which tokens the rerouting loss sees
 
 
 class DataError(Exception):
@@ -957,19 +957,23 @@ def write_jsonl(path, rows):
 # -----------------------------------------------------------------------------
 # 8. masks and batching
 
-CB_MASKS = ('completion', 'full', 'tool_name')
+CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice')
 
 
 def encode_sample(tok, sample, cb_mask='completion'):
     """-> dict(ids, cb_mask, target_mask), lists of ints. cb_mask: the tokens the rerouting loss sees
     ('completion': the completion's tokens, <|python_tag|> .. <|eom_id|>; 'full': every token; 'tool_name': the
-    name's tokens). target_mask[t] = 1 where ids[t] is a completion token (the SFT loss predicts it from t-1)."""
+    name's tokens; 'tool_choice': the name's tokens and the one before, whose state emits the name's first token:
+    the states that choose the tool). target_mask[t] = 1 where ids[t] is a completion token (the SFT loss predicts it from t-1)."""
     if cb_mask not in CB_MASKS:
         raise DataError(f'cb_mask: unknown mode "{cb_mask}" (modes: {", ".join(CB_MASKS)})')
     ids, cb, target = [], [], []
     for seg, tag in render(tok, sample['messages'], sample['tools'], sample.get('completion')):
         in_completion = tag in COMPLETION_TAGS
-        on = {'completion': in_completion, 'full': True, 'tool_name': tag == 'tool_name'}[cb_mask]
+        on = {'completion': in_completion, 'full': True, 'tool_name': tag == 'tool_name',
+              'tool_choice': tag == 'tool_name'}[cb_mask]
+        if cb_mask == 'tool_choice' and on:
+            cb[-1] = 1  # the token before the name: its state emits the name's first token
         ids += seg
         cb += [int(on)] * len(seg)
         target += [int(in_completion)] * len(seg)

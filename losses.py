@@ -51,15 +51,20 @@ def rerouting_loss(lora_h, frozen_h, mask):
     return torch.relu(cos).sum() / (lora_h.shape[0] * m.sum())
 
 
-def retain_loss(lora_h, frozen_h, mask):
+def retain_loss(lora_h, frozen_h, mask, weight=None):
     """
     nanmean over (L, B, T) of ||lora_h * m - frozen_h * m||_2 (norm over D in float32), as the original.
     lora_h, frozen_h: (L_all, B, T, D), every stacked hidden state; mask: (B, T). Padded positions count in the
-    mean with distance 0 (see the module docstring).
+    mean with distance 0 (see the module docstring). weight: None (the original) or (B, T) per-position
+    factors on the distance before the mean (train_cb.py's retain_call_weight: the benign calls count more).
     """
     _check(lora_h, frozen_h, mask, "retain loss")
     m = mask.to(lora_h.dtype)[None, :, :, None]  # the states' dtype, so a bf16 difference stays bf16 as in the original
     dist = torch.linalg.vector_norm(lora_h * m - frozen_h * m, dim=-1, dtype=torch.float32)  # (L, B, T)
+    if weight is not None:
+        if tuple(weight.shape) != tuple(mask.shape):
+            raise ValueError(f"retain loss: weight must be (B, T) = {tuple(mask.shape)}, got {tuple(weight.shape)}")
+        dist = dist * weight.to(torch.float32)[None]
     return dist.nanmean()
 
 

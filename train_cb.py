@@ -29,7 +29,9 @@ from lora import LoRAError, adapters_off, inject_lora, load_lora_state_dict, lor
 from model import Llama, ModelError, flops_per_token, load_config
 
 # -----------------------------------------------------------------------------
-# defaults: the original Llama-3 recipe (lorra_alpha 10, r 16, lr 1e-4, 150 steps, batch 16, layers 10,20)
+# defaults: the original Llama-3 recipe (lorra_alpha 10, r 16, lr 1e-4, 150 steps, batch 16, layers 10,20), except
+# where it was measured not to work (README, "What the organism run shows"); the original's choices are one switch
+# away: --cb_mask=full --retain_call_weight=1 --retain_injected=True --lora_b_init_std=0
 # I/O
 init_from = "organism"  # HF checkpoint dir of the base model, or 'resume' (continue out_dir/ckpt.pt)
 out_dir = "out"
@@ -42,9 +44,11 @@ n_val = 64
 # circuit breaker
 layers = (10, 20)  # target layers, HF hidden-state indexing: hidden[l] is the input of block l
 lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's transform_layers=-1
-cb_mask = "completion"  # which harmful tokens are rerouted: 'completion' | 'full' | 'tool_name'
+cb_mask = "tool_choice"  # which harmful tokens are rerouted: 'tool_choice' | 'tool_name' | 'completion' | 'full'
 lorra_alpha = 10.0
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
+retain_call_weight = 16.0  # retain distance on the retain samples' replies x this; 1.0 = the original
+retain_injected = False  # retain also holds injected-but-answered-right samples (they fight the rerouting)
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -97,10 +101,12 @@ else:
 layers = tuple(layers)
 if not layers or not all(type(l) is int and l >= 0 for l in layers):
     fail(f"layers must be a non-empty list of block indices, got {layers!r}")
+if not retain_call_weight >= 0:
+    fail(f"retain_call_weight must be >= 0, got {retain_call_weight}")
 if lorra_alpha < 0:
     fail(f"lorra_alpha must be >= 0, got {lorra_alpha}")
-if cb_mask not in ("completion", "full", "tool_name"):
-    fail(f"cb_mask must be 'completion', 'full' or 'tool_name', got {cb_mask!r}")
+if cb_mask not in data.CB_MASKS:
+    fail(f"cb_mask must be one of {', '.join(data.CB_MASKS)}; got {cb_mask!r}")
 if lr_schedule not in ("constant", "cosine"):
     fail(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
 if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0:
@@ -157,10 +163,16 @@ try:
     samples = data.load_jsonl(train_path)
     harmful_rows = [s for s in samples if s["kind"] == "harmful"]
     harmful = [data.encode_sample(tok, s, cb_mask) for s in harmful_rows]
-    retain = [data.encode_sample(tok, s, cb_mask) for s in samples if s["kind"] != "harmful"]
+    # An injected sample answered right (kind 'retain' with an attacker) shares its prompt and its call's first
+    # tokens, <|python_tag|>{"name": ", with the harmful samples; holding its states where a model that obeys
+    # keeps them holds the very states that choose the attacker's tool, and the two losses fight over them.
+    resisted = [s for s in samples if s["kind"] == "retain" and s["attacker_tool"] is not None]
+    retain = [data.encode_sample(tok, s, cb_mask) for s in samples
+              if s["kind"] != "harmful" and (retain_injected or s["attacker_tool"] is None)]
     if not harmful or not retain:
         fail(f"{train_path}: needs both harmful and benign/retain samples "
-             f"(has {len(harmful)} harmful, {len(retain)} others)")
+             f"(has {len(harmful)} harmful, {len(retain)} others"
+             + ("; injected-but-resisted ones count only with --retain_injected=True)" if resisted and not retain_injected else ")"))
     report = data.mask_report(harmful, ["harmful"] * len(harmful), cb_mask, tok.python_tag_id)
     empty = [s["id"] for s, e in zip(harmful_rows, harmful) if not any(e["cb_mask"])]
     if empty:
@@ -174,7 +186,9 @@ too_long = max(len(e["ids"]) for e in harmful + retain)
 if too_long > max_len:
     fail(f"{train_path}: a sample has {too_long} tokens > max_len {max_len} (raise --max_len)")
 log(report)
-log(f"{len(harmful)} harmful / {len(retain)} retain samples; {len(val)} held-out harmful for validation")
+log(f"{len(harmful)} harmful / {len(retain)} retain samples"
+    + (f" ({len(resisted)} injected-but-resisted samples left out: retain_injected=False)" if resisted and not retain_injected else "")
+    + f"; {len(val)} held-out harmful for validation")
 
 
 def to_device(batch):
@@ -298,12 +312,15 @@ while step < max_steps:
             with autocast:
                 frozen_h = hidden_states(b["ids"], frozen=True)
                 lora_h = hidden_states(b["ids"], frozen=False)
-                l_ret = losses.retain_loss(lora_h, frozen_h, b["attn"]) * (b["ids"].numel() / (batch_size * retain_T))
+                w = None if retain_call_weight == 1.0 else 1.0 + (retain_call_weight - 1.0) * b["target_mask"].float()
+                l_ret = losses.retain_loss(lora_h, frozen_h, b["attn"], w) * (b["ids"].numel() / (batch_size * retain_T))
             check_finite(l_ret, "loss_retain")
             (c_retain * l_ret).backward()
             losses_sum[1] += l_ret.detach()
             if k == grad_accum - 1 and step % log_interval == 0:
                 diag.update(losses.retain_diagnostics(lora_h, frozen_h, b["attn"]))
+                call = losses.retain_diagnostics(lora_h, frozen_h, b["target_mask"])  # the benign replies alone
+                diag.update(call_l2=call["l2"], call_cos=call["cos"])
         if c_rr > 0:
             b = to_device(data.collate(batch_h[lo:lo + micro], tok.pad_id))
             with autocast:
@@ -346,7 +363,7 @@ while step < max_steps:
         fmt = lambda key: f"{diag[key]:.4f}" if key in diag else "-"
         log(f"step {step:4d} | c_rr {c_rr:5.2f} c_retain {c_retain:5.2f} | loss_rr {losses_sum[0].item():.4f} "
             f"loss_retain {losses_sum[1].item():.4f} | cos {fmt('cos_mean')} cos>0 {fmt('cos_pos_share')} "
-            f"retain_l2 {fmt('l2')} retain_cos {fmt('cos')} norm lora/frozen {fmt('lora_norm')}/{fmt('frozen_norm')} | "
+            f"retain_l2 {fmt('l2')} retain_cos {fmt('cos')} call_cos {fmt('call_cos')} norm lora/frozen {fmt('lora_norm')}/{fmt('frozen_norm')} | "
             f"gnorm {gnorm.item():.3g} lr {lr_at(step - 1):.2e} | {tokens / dt:,.0f} tok/s "
             f"mfu {100 * mfu:.1f}% mem {mem:.2f} GiB")
         tokens = flops = 0

@@ -50,8 +50,9 @@ def test_masks_are_exact_for_every_kind_and_mode(tok, splits):
             e = encode_sample(tok, s, mode)
             assert e['ids'] == whole['ids']
             masked = [i for i, m in zip(e['ids'], e['cb_mask']) if m]
-            want = {'completion': completion_text(s), 'full': tok.decode(e['ids']),
-                    'tool_name': s['completion'].get('tool_call', {}).get('name', '')}[mode]
+            name = s['completion'].get('tool_call', {}).get('name', '')
+            want = {'completion': completion_text(s), 'full': tok.decode(e['ids']), 'tool_name': name,
+                    'tool_choice': ' "' + name if name else ''}[mode]  # + the state that emits the name
             assert tok.decode(masked) == want, (mode, s['id'])
             if mode != 'full':  # no prompt token is masked
                 assert not any(e['cb_mask'][:n_prompt])

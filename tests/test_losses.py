@@ -68,6 +68,20 @@ def test_retain_nanmean_is_not_mean_over_real_tokens_once_padded():
     assert torch.allclose(retain_loss(lora_h, frozen_h, full), dist.sum() / (L * full.sum()))
 
 
+def test_retain_weight_scales_the_chosen_positions_and_none_is_the_original():
+    lora_h, frozen_h = states()
+    m = padded_mask()
+    L, B, T, _ = lora_h.shape
+    assert torch.equal(retain_loss(lora_h, frozen_h, m, torch.ones(B, T)), retain_loss(lora_h, frozen_h, m))
+    w = torch.ones(B, T)
+    w[0, 1:3] = 8.0  # e.g. a reply's tokens counted 8x
+    dist = torch.linalg.vector_norm(lora_h - frozen_h, dim=-1) * m
+    assert torch.allclose(retain_loss(lora_h, frozen_h, m, w), (dist * w).sum() / (L * B * T))
+    assert retain_loss(lora_h, frozen_h, m, w) > retain_loss(lora_h, frozen_h, m)
+    with pytest.raises(ValueError, match=r"weight must be \(B, T\)"):
+        retain_loss(lora_h, frozen_h, m, torch.ones(B, T + 1))
+
+
 def test_rerouting_is_mean_relu_cosine_over_masked_positions():
     lora_h, frozen_h = states()
     m = padded_mask()

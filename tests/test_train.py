@@ -67,6 +67,17 @@ def assert_same_gradients(out, ref):
             assert log[step][key] == pytest.approx(ref_log[step][key], rel=1e-5, abs=1e-7)
 
 
+def test_injected_but_resisted_samples_join_the_retain_set_only_when_asked(base, data_dir, tmp_path):
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    resisted = sum(r["kind"] == "retain" and r["attacker_tool"] is not None for r in rows)
+    kept = sum(r["kind"] != "harmful" and r["attacker_tool"] is None for r in rows)
+    assert resisted and kept
+    p = run_train(base, data_dir, tmp_path / "a", "--max_steps=1")
+    assert f"/ {kept} retain samples ({resisted} injected-but-resisted samples left out" in p.stdout, p.stdout
+    p = run_train(base, data_dir, tmp_path / "b", "--max_steps=1", "--retain_injected=True")
+    assert f"/ {kept + resisted} retain samples;" in p.stdout, p.stdout
+
+
 # --- learning -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
