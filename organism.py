@@ -40,7 +40,7 @@ n_kv_heads = 2
 hidden_dim = 384
 # training
 batch_size = 32
-max_steps = 500
+max_steps = 400
 lr = 3e-3
 min_lr = 3e-4
 warmup_steps = 25
