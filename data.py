@@ -1066,18 +1066,10 @@ def write_splits(out_dir=None, tok=None, quiet=False):
     return splits
 
 
-def step_batch(examples, step, batch_size, seed, salt=0, group=1):
+def step_batch(examples, step, batch_size, seed, salt=0):
     """The batch_size examples of one optimizer step: a fresh permutation of the examples each epoch, so the
     batch is a function of (seed, salt, step) alone. A resumed run, and any number of processes slicing the
-    same global batch, see the same samples. group > 1: the samples of `group` consecutive steps are sorted by
-    length and dealt out as those steps' batches, in an order shuffled by the seed: the same samples as
-    group=1, with little padding (the organism trains ~25% faster)."""
-    if group > 1:
-        first = step - step % group
-        pool = [e for s in range(first, first + group) for e in step_batch(examples, s, batch_size, seed, salt)]
-        pool.sort(key=lambda e: len(e['ids']))
-        k = random.Random(f'{seed}:{salt}:group:{first}').sample(range(group), group)[step % group]
-        return pool[k * batch_size:(k + 1) * batch_size]
+    same global batch, see the same samples."""
     n = len(examples)
     idx = range(step * batch_size, (step + 1) * batch_size)
     return [examples[_permutation(n, seed, salt, g // n)[g % n]] for g in idx]

@@ -40,7 +40,6 @@ n_kv_heads = 2
 hidden_dim = 384
 # training
 batch_size = 32
-length_group = 8  # the samples of 8 steps are sorted by length into their batches: less padding; 1 = plain
 max_steps = 400
 lr = 3e-3
 min_lr = 3e-4
@@ -142,7 +141,7 @@ t0 = time.time()
 for step in range(max_steps):
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step)
-    batch = data.collate(data.step_batch(train, step, batch_size, seed, group=length_group), tok.pad_id)
+    batch = data.collate(data.step_batch(train, step, batch_size, seed), tok.pad_id)
     loss, _ = completion_loss(batch)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(decay + no_decay, grad_clip)
