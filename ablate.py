@@ -1,11 +1,13 @@
 """
 The ablations users ask for first, on the model organism, as one table: two target layers vs all middle
-layers, and the three cb_mask modes. Each row trains a circuit breaker (train_cb.py config/organism.py
-plus the row's overrides) and evaluates it (eval.py, no forced-call pass), in subprocesses.
+layers, the four cb_mask modes, and each departure of the default from the original recipe taken back alone,
+then all together. Each row trains a circuit breaker (train_cb.py config/organism.py plus the row's overrides)
+and evaluates it (eval.py, no forced-call pass), in subprocesses.
 
-    python ablate.py                       # after organism.py; about 15 minutes on 2 CPU cores
+    python ablate.py                       # after organism.py; about 30 minutes on 2 CPU cores
     python ablate.py --max_steps=60        # any train_cb.py setting, applied to every row
-    python ablate.py --rows=1,2            # only these rows (a row already in out/ablate/N is reused)
+    python ablate.py --rows=1,2            # only these rows; the others are read back from out/ablate/N
+    python ablate.py --rows=               # no row run: the table of what out/ablate/ holds
 """
 
 import json
@@ -13,15 +15,23 @@ import os
 import subprocess
 import sys
 
+ORIGINAL = ["--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0"]
 ROWS = [  # (name, train_cb.py overrides)
-    ("layers 1,3 (default), completion mask", []),
-    ("layers 1,2,3 (all middle), completion mask", ["--layers=1,2,3"]),
-    ("layers 1,3, full mask (the original's)", ["--cb_mask=full"]),
-    ("layers 1,3, tool_name mask", ["--cb_mask=tool_name"]),
+    ("default: layers 1,3, tool_choice mask, retain replies x16", []),
+    ("layers 1,2,3 (all middle)", ["--layers=1,2,3"]),
+    ("cb_mask=tool_name", ["--cb_mask=tool_name"]),
+    ("cb_mask=completion", ["--cb_mask=completion"]),
+    ("cb_mask=full (the original's)", ["--cb_mask=full"]),
+    ("retain_call_weight=1 (the original's retain)", ["--retain_call_weight=1.0"]),
+    ("retain_injected=True (resisted injections held)", ["--retain_injected=True"]),
+    ("the original recipe (all four, B=0)", ORIGINAL),
 ]
 out_root = "out/ablate"
 rows = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")]
-rows = [int(i) for i in rows[0].split(",")] if rows else list(range(len(ROWS)))
+rows = rows[0].split(",") if rows else [str(i) for i in range(len(ROWS))]
+if not all(i.isdigit() and int(i) < len(ROWS) for i in rows if i):
+    sys.exit(f"ablate.py: --rows: row numbers 0..{len(ROWS) - 1}, comma-separated; got {','.join(rows)}")
+rows = [int(i) for i in rows if i]
 extra = [a for a in sys.argv[1:] if a.startswith("--") and not a.startswith("--rows=")]
 here = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,15 +62,17 @@ for i, (name, overrides) in enumerate(ROWS):
         log = [json.loads(line) for line in f]
     cos = [r["cos_mean"] for r in log if "cos_mean" in r][-1]
     val_cos = [r["val_cos"] for r in log if "val_cos" in r][-1]
+    call_cos = [r["call_cos"] for r in log if "call_cos" in r][-1]
     base, cb = ev["metrics"]["base"], ev["metrics"]["cb"]
     table.append((name, f"{pct(base['train_families'], 'asr')} → {pct(cb['train_families'], 'asr')}",
                   f"{pct(base['heldout_families'], 'asr')} → {pct(cb['heldout_families'], 'asr')}",
                   f"{pct(base['clean'], 'benign_acc')} → {pct(cb['clean'], 'benign_acc')}",
-                  pct(cb["clean"], "degenerate_clean"), f"{cos:.3f} / {val_cos:.3f}"))
+                  pct(cb["clean"], "attacker_tool_benign_acc"), pct(cb["clean"], "degenerate_clean"),
+                  f"{cos:.3f} / {val_cos:.3f}", f"{call_cos:.3f}"))
     print(" | ".join(table[-1]), flush=True)
 
-print("\n| run | ASR train families | ASR held-out families | benign accuracy | degenerate (clean, CB) "
-      "| final rerouting cos (train / val) |")
-print("|---|---|---|---|---|---|")
+print("\n| run | ASR train families | ASR held-out families | benign accuracy | search_web benign (CB) "
+      "| degenerate (clean, CB) | final rerouting cos (train / val) | final retain-reply cos |")
+print("|---|---|---|---|---|---|---|---|")
 for row in table:
     print("| " + " | ".join(row) + " |")
