@@ -964,7 +964,8 @@ def encode_sample(tok, sample, cb_mask='completion'):
     """-> dict(ids, cb_mask, target_mask), lists of ints. cb_mask: the tokens the rerouting loss sees
     ('completion': the completion's tokens, <|python_tag|> .. <|eom_id|>; 'full': every token; 'tool_name': the
     name's tokens; 'tool_choice': the name's tokens and the one before, whose state emits the name's first token:
-    the states that choose the tool). target_mask[t] = 1 where ids[t] is a completion token (the SFT loss predicts it from t-1)."""
+    the states that choose the tool). target_mask[t] = 1 where ids[t] is a completion token (the SFT loss
+    predicts it from t-1)."""
     if cb_mask not in CB_MASKS:
         raise DataError(f'cb_mask: unknown mode "{cb_mask}" (modes: {", ".join(CB_MASKS)})')
     ids, cb, target = [], [], []
