@@ -29,9 +29,9 @@ from lora import LoRAError, adapters_off, inject_lora, load_lora_state_dict, lor
 from model import Llama, ModelError, flops_per_token, load_config
 
 # -----------------------------------------------------------------------------
-# defaults: the original Llama-3 recipe (lorra_alpha 10, r 16, lr 1e-4, 150 steps, batch 16, layers 10,20), except
-# where it was measured not to work (README, "Why the original recipe misses here"); the original's choices are one switch
-# away: --cb_mask=full --retain_call_weight=1 --retain_injected=True --lora_b_init_std=0
+# defaults: the original Llama-3 recipe (lorra_alpha 10, r 16, lr 1e-4, 150 steps, batch 16, layers 10,20),
+# except where it was measured not to work (README, "Why the original recipe misses here"); the original's
+# choices are one switch away: --cb_mask=full --retain_call_weight=1 --retain_injected=True --lora_b_init_std=0
 # I/O
 init_from = "organism"  # HF checkpoint dir of the base model, or 'resume' (continue out_dir/ckpt.pt)
 out_dir = "out"
