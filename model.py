@@ -200,11 +200,14 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, ids, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None, last_only=False):
+    def forward(self, ids, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None, last_only=False,
+                stop=None):
         """ids (B, T). attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None
         for unpadded / right-padded input, which needs only the causal mask and gets the fast kernels.
         last_only computes logits for the last position only (generation: the lm_head is the big matmul).
-        Returns (logits (B, T or 1, vocab) or None, hidden (n_layers+1, B, T, dim) or None)."""
+        stop=l runs blocks 0..l-1 only and returns hidden[0..l], hidden[l] the input of block l (no final
+        norm, no logits): all the rerouting loss needs when l is the last target layer.
+        Returns (logits (B, T or 1, vocab) or None, hidden (n_layers+1 or stop+1, B, T, dim) or None)."""
         B, T = ids.shape
         x = self.embed_tokens(ids)
         if attn_mask is None:
@@ -217,12 +220,17 @@ class Llama(nn.Module):
                 pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
         cos, sin = self.rope(pos, x.dtype)
         states = [x]
-        for i, block in enumerate(self.layers):
+        if stop is not None:
+            if not 0 <= stop <= len(self.layers) or logits:
+                raise ModelError(f"stop={stop}: a partial forward takes 0 <= stop <= {len(self.layers)} and logits=False")
+        for i, block in enumerate(self.layers[:stop]):
             if self.grad_checkpoint and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
             states.append(x)
+        if stop is not None:
+            return None, torch.stack(states)
         x = self.norm(x)
         states[-1] = x  # as HF: the last hidden state is taken after the final norm
         out_logits = None

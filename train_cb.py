@@ -39,7 +39,7 @@ data_dir = "data"  # train.jsonl / val.jsonl, written by `python data.py` (and h
 train_file = ""  # your own JSONL in data.py's schema; '' = data_dir/train.jsonl
 val_file = ""  # '' = data_dir/val.jsonl
 log_interval = 10
-eval_interval = 50  # validation cosine on held-out harmful samples
+eval_interval = 50  # validation cosine on held-out harmful samples, and a checkpoint; 0 = at the end only
 n_val = 64
 # circuit breaker
 layers = (10, 20)  # target layers, HF hidden-state indexing: hidden[l] is the input of block l
@@ -109,8 +109,10 @@ if cb_mask not in data.CB_MASKS:
     fail(f"cb_mask must be one of {', '.join(data.CB_MASKS)}; got {cb_mask!r}")
 if lr_schedule not in ("constant", "cosine"):
     fail(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
-if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0:
-    fail("max_steps, batch_size and grad_accum must be positive")
+if max_steps <= 0 or batch_size <= 0 or grad_accum <= 0 or log_interval <= 0:
+    fail("max_steps, batch_size, grad_accum and log_interval must be positive")
+if eval_interval < 0:
+    fail(f"eval_interval must be >= 0 (0: validate and save at the end only), got {eval_interval}")
 
 # --- distributed: one process per device under torchrun, each with its slice of every batch --------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -195,14 +197,16 @@ def to_device(batch):
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def hidden_states(ids, frozen):
-    """Stacked hidden states (n_blocks+1, B, T, D) with the adapters on (trainable) or off (frozen)."""
+def hidden_states(ids, frozen, stop=None):
+    """Stacked hidden states (n_blocks+1, B, T, D) with the adapters on (trainable) or off (frozen).
+    stop=max(layers): blocks 0..max(layers)-1 only, hidden[0..max(layers)]: the target layers' states
+    and nothing above them (the rerouting pass; the retain loss takes every stacked state)."""
     if compile:  # lengths change every batch: compile the length-generic graph at once
         torch._dynamo.maybe_mark_dynamic(ids, 1)
     if frozen:
         with torch.no_grad(), adapters_off(model):
-            return fmodel(ids, hidden=True, logits=False)[1]
-    return fmodel(ids, hidden=True, logits=False)[1]
+            return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
+    return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
 
 
 def lr_at(step):
@@ -222,8 +226,8 @@ def validation_cosine():
     for i in range(0, len(val), micro):
         b = to_device(data.collate(val[i:i + micro], tok.pad_id))
         with autocast:
-            lora_h = hidden_states(b["ids"], frozen=False)[list(layers)]
-            frozen_h = hidden_states(b["ids"], frozen=True)[list(layers)]
+            lora_h = hidden_states(b["ids"], frozen=False, stop=max(layers))[list(layers)]
+            frozen_h = hidden_states(b["ids"], frozen=True, stop=max(layers))[list(layers)]
         out.append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"])["cos_mean"])
     model.train()
     return float(np.mean(out))
@@ -269,11 +273,11 @@ def micro_mask_count(examples):
     return sum(sum(e["cb_mask"]) for e in examples)
 
 
-def step_flops(examples):
-    """Model FLOPs of one micro-batch as padded: frozen forward + LoRA forward + backward through the
-    activations (frozen weights get no gradient, so backward costs about one forward, not two)."""
+def step_flops(examples, n_blocks):
+    """Model FLOPs of one micro-batch as padded through n_blocks blocks: frozen forward + LoRA forward +
+    backward through the activations (frozen weights get no gradient: backward costs about one forward)."""
     T = max(len(e["ids"]) for e in examples)
-    return 3 * len(examples) * T * flops_per_token(model.config, T)
+    return 3 * len(examples) * T * flops_per_token(model.config, T, n_layers=n_blocks)
 
 
 def check_finite(loss, name):
@@ -324,8 +328,8 @@ while step < max_steps:
         if c_rr > 0:
             b = to_device(data.collate(batch_h[lo:lo + micro], tok.pad_id))
             with autocast:
-                frozen_h = hidden_states(b["ids"], frozen=True)[list(layers)]
-                lora_h = hidden_states(b["ids"], frozen=False)[list(layers)]
+                frozen_h = hidden_states(b["ids"], frozen=True, stop=max(layers))[list(layers)]
+                lora_h = hidden_states(b["ids"], frozen=False, stop=max(layers))[list(layers)]
                 l_rr = losses.rerouting_loss(lora_h, frozen_h, b["cb_mask"])
                 l_rr = l_rr * (micro_mask_count(batch_h[lo:lo + micro]) / rr_count)
             check_finite(l_rr, "loss_rr")
@@ -340,8 +344,9 @@ while step < max_steps:
             p.grad.copy_(g.view_as(p))
         dist.all_reduce(losses_sum)
     tokens += sum(len(e["ids"]) for e in (batch_h if c_rr > 0 else []) + (batch_r if c_retain > 0 else []))
-    flops += sum(step_flops(batch[i:i + micro]) for batch, c in ((batch_h, c_rr), (batch_r, c_retain)) if c > 0
-                     for i in range(0, batch_size, micro))
+    flops += sum(step_flops(batch[i:i + micro], n) for batch, c, n in ((batch_h, c_rr, max(layers)),
+                                                                    (batch_r, c_retain, len(model.layers)))
+                 if c > 0 for i in range(0, batch_size, micro))
     gnorm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
@@ -367,7 +372,7 @@ while step < max_steps:
             f"gnorm {gnorm.item():.3g} lr {lr_at(step - 1):.2e} | {tokens / dt:,.0f} tok/s "
             f"mfu {100 * mfu:.1f}% mem {mem:.2f} GiB")
         tokens = flops = 0
-    if master and val and (step % eval_interval == 0 or step == max_steps):
+    if master and val and ((eval_interval and step % eval_interval == 0) or step == max_steps):
         val_cos = validation_cosine()
         log(f"step {step:4d} | validation cosine on {len(val)} held-out harmful samples: {val_cos:.4f}")
         with open(os.path.join(out_dir, "log.jsonl"), "a") as f:

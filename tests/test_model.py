@@ -94,6 +94,25 @@ def test_truncated_model_reproduces_first_hidden_states(tmp_path):
         cut(ids)
 
 
+def test_partial_forward_stops_at_a_block_and_skips_the_final_norm(tmp_path):
+    _, d = hf_checkpoint(tmp_path, LLAMA3_ROPE, n_layers=4)
+    full = Llama.from_pretrained(d)
+    ids, attn = padded_batch("left")
+    with torch.no_grad():
+        _, h = full(ids, attn_mask=attn, hidden=True)
+        none, part = full(ids, attn_mask=attn, hidden=True, logits=False, stop=2)
+        _, whole = full(ids, attn_mask=attn, hidden=True, logits=False, stop=4)
+    assert none is None and part.shape[0] == 3
+    for l in range(3):  # hidden[2] is the raw input of block 2, as in the full forward
+        assert_close(part[l][attn], h[l][attn], 1e-6)
+    # stop at the last block: hidden[4] is block 3's output before the final norm
+    assert_close(full.norm(whole[4])[attn], h[4][attn], 1e-5)
+    assert not torch.allclose(whole[4][attn], h[4][attn])
+    for bad in (dict(stop=5, logits=False), dict(stop=2, logits=True)):
+        with pytest.raises(ModelError, match="partial forward"):
+            full(ids, attn_mask=attn, hidden=True, **bad)
+
+
 def test_kv_cache_generation_equals_argmax_redecoding(tmp_path):
     _, d = hf_checkpoint(tmp_path, LLAMA3_ROPE, seed=3)
     model = Llama.from_pretrained(d)

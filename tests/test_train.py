@@ -80,6 +80,13 @@ def test_injected_but_resisted_samples_join_the_retain_set_only_when_asked(base,
     assert f"/ {kept + resisted} retain samples;" in p.stdout, p.stdout
 
 
+def test_eval_interval_zero_validates_and_saves_at_the_end_only(base, data_dir, tmp_path):
+    run_train(base, data_dir, tmp_path, "--max_steps=3", "--eval_interval=0")
+    rows = [json.loads(line) for line in open(os.path.join(tmp_path, "log.jsonl"))]
+    assert [r["step"] for r in rows if "val_cos" in r] == [3]
+    assert load_ckpt(tmp_path)["step"] == 3
+
+
 # --- learning -------------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -214,10 +221,11 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--layers=1,4",), "beyond"),
     (lambda b, d, t: ("--layers=()",), "layers must be a non-empty"),
     (lambda b, d, t: ("--lorra_alpha=-1",), "lorra_alpha"),
+    (lambda b, d, t: ("--eval_interval=-1",), "eval_interval must be >= 0"),
     (lambda b, d, t: ("--lorra_alfa=10",), "unknown config key 'lorra_alfa'"),
     (lambda b, d, t: (f"--init_from={base_without_tokenizer(b, t)}",), "tokenizer.model"),
     (lambda b, d, t: train_file_with_text_completion(d, t), "nothing to reroute"),
-], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "unknown_key", "no_tokenizer", "empty_mask"])
+], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key", "no_tokenizer", "empty_mask"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
