@@ -14,7 +14,7 @@ gradient checkpointing, the original dataset's fixed padding (rerouting: request
 right-padded to 512; retain: left-padded to 1024), and the original compute_loss: frozen passes under
 disable_adapter(), output_hidden_states=True, retain over every stacked hidden state, rerouting over the target
 layers, one backward. nanocb's side is train_cb.py's step (frozen pass under adapters_off + no_grad, LoRA pass,
-one backward per term, dynamic right padding, no lm_head). Both see the same samples (the built-in tool data,
+one backward per term, dynamic right padding, no lm_head, rerouting passes that stop at max(layers)). Both see the same samples (the built-in tool data,
 tokenised with the real Llama 3 tokenizer), the same frozen weights (one copy in memory, shared), the same
 optimizer (AdamW, lr 1e-4, grad clip 1.0) and a step where both loss terms are active. After warm-up the two
 alternate, step by step, so a noisy machine slows both alike; figures are medians.
@@ -22,10 +22,11 @@ alternate, step by step, so a noisy machine slows both alike; figures are median
 What the figures count:
 - useful tokens: the samples' own tokens, no padding. Both sides do the same useful work.
 - MFU (headline): FLOPs of the useful tokens / step time / promised_flops, with 3x the forward FLOPs per token
-  (frozen forward + LoRA forward + backward through the activations; the frozen weights get no gradient).
+  (frozen forward + LoRA forward + backward through the activations; the frozen weights get no gradient),
+  through the blocks each term needs: blocks 0..max(layers)-1 for rerouting, every kept block for retain.
   The same numerator for both, so the MFU ratio is the throughput ratio. mfu_processed counts instead the
-  padded tokens each side actually pushes through (and the reference's lm_head forwards); neither counts the
-  recomputation of gradient checkpointing.
+  padded tokens each side actually pushes through, through the blocks it runs (the reference runs every kept
+  block for both terms, and its lm_head forwards); neither counts the recomputation of gradient checkpointing.
 - peak memory: the memory the side's own weights, adapter and optimizer state hold, plus the peak growth during
   its step. CUDA: max_memory_allocated after reset_peak_memory_stats. CPU: the process's resident-set high-water
   mark (VmHWM), reset before every step through /proc/self/clear_refs, minus the resident set at the step's start;
@@ -260,14 +261,14 @@ fmodel = torch.compile(model) if compile else model
 optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=device_type == "cuda")
 
 
-def hidden_states(ids, frozen):
+def hidden_states(ids, frozen, stop=None):
     if compile:
         # lengths change every batch: compile the length-generic graph at once instead of one per length first
         torch._dynamo.maybe_mark_dynamic(ids, 1)
     if frozen:
         with torch.no_grad(), adapters_off(model):
-            return fmodel(ids, hidden=True, logits=False)[1]
-    return fmodel(ids, hidden=True, logits=False)[1]
+            return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
+    return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
 
 
 def ours_step(b):
@@ -281,8 +282,8 @@ def ours_step(b):
     (c_retain * l_ret).backward()
     del frozen_h, lora_h
     with autocast:
-        frozen_h = hidden_states(h["ids"], frozen=True)[list(layers)]
-        lora_h = hidden_states(h["ids"], frozen=False)[list(layers)]
+        frozen_h = hidden_states(h["ids"], frozen=True, stop=max(layers))[list(layers)]
+        lora_h = hidden_states(h["ids"], frozen=False, stop=max(layers))[list(layers)]
         l_rr = losses.rerouting_loss(lora_h, frozen_h, h["cb_mask"])
     (c_rr * l_rr).backward()
     torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -430,12 +431,15 @@ def step_batches(i):
     ref_b = dict(cb_ids=t([c[0] for c in cb]), cb_attn=t([c[1] for c in cb]),
                  retain_ids=t([r[0] for r in ret]), retain_attn=t([r[1] for r in ret]))
     useful = sum(len(e["ids"]) for e in bh + br)
-    useful_flops = sum(3 * len(e["ids"]) * flops_per_token(cfg, len(e["ids"])) for e in bh + br)
+    # the rerouting term needs blocks 0..max(layers)-1, the retain term every kept block
+    n_rr, n_ret = max(layers), n_keep
+    useful_flops = sum(3 * len(e["ids"]) * flops_per_token(cfg, len(e["ids"]), n_layers=n)
+                       for batch, n in ((bh, n_rr), (br, n_ret)) for e in batch)
     processed = {}
-    for side, shapes in (("ours", [b["ids"].shape for b in ours_b.values()]),
-                         ("reference", [ref_b["cb_ids"].shape, ref_b["retain_ids"].shape])):
-        tokens = sum(B * T for B, T in shapes)
-        flops = sum(3 * B * T * flops_per_token(cfg, T) for B, T in shapes)
+    for side, shapes in (("ours", [(*ours_b["harmful"]["ids"].shape, n_rr), (*ours_b["retain"]["ids"].shape, n_ret)]),
+                         ("reference", [(*ref_b["cb_ids"].shape, n_keep), (*ref_b["retain_ids"].shape, n_keep)])):
+        tokens = sum(B * T for B, T, _ in shapes)
+        flops = sum(3 * B * T * flops_per_token(cfg, T, n_layers=n) for B, T, n in shapes)
         if side == "reference" and ref_lm_head:
             flops += 2 * tokens * 2 * dim * vocab_size  # the logits of the frozen and LoRA forwards
         processed[side] = (tokens, flops)
