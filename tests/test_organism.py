@@ -4,12 +4,15 @@ base, stops working on the CB model, benign tool use holds), not of the README's
 
 import json
 import os
+import re
 import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from tiny import ROOT
+from tiny import ROOT, tiny_data
 
 DATA = ["--N_TRAIN=2000", "--N_VAL=64", "--N_TEST=160"]
 ORGANISM = ["--max_steps=250", "--log_interval=50"]  # the default organism, 250 of its 400 steps: ~3 minutes
@@ -36,6 +39,29 @@ def mission(tmp_path_factory):
     run("eval.py", str(out / "ckpt.pt"), f"--data_dir={data_dir}", "--forced=False", f"--out={out / 'eval.json'}")
     with open(out / "eval.json") as f:
         return dict(eval=json.load(f), org=org, reused=reused)
+
+
+def test_micro_batches_give_the_loss_of_the_whole_batch(tmp_path):
+    # three big steps (no warm-up, lr 0.05) leave the uniform loss of the init, where any weighting of the pieces
+    # gives the same figure; weighting each piece by its share of samples instead of targets moves step 1's loss
+    # by ~0.08 and the weights by ~0.2
+    data_dir = tiny_data(tmp_path / "data")
+    small = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--batch_size=16",
+             "--max_steps=3", "--warmup_steps=1", "--lr=0.05", "--log_interval=1", f"--data_dir={data_dir}"]
+    loss = lambda out: [float(x) for x in re.findall(r"\| loss (\S+) \|", out)]
+    whole = loss(run("organism.py", *small, "--micro_batch=16", f"--out_dir={tmp_path / 'whole'}"))
+    pieces = loss(run("organism.py", *small, "--micro_batch=3", f"--out_dir={tmp_path / 'pieces'}"))
+    assert len(whole) == 3 and pieces == pytest.approx(whole, abs=2e-4)
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "pieces"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3)  # fp32 order: a few entries differ by ~4e-5
+
+
+def test_bad_micro_batch_stops_with_one_line(tmp_path):
+    p = subprocess.run([sys.executable, "organism.py", "--micro_batch=0", f"--out_dir={tmp_path / 'o'}"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        "organism.py: batch_size and micro_batch must be positive integers, got 32 and 0"]
 
 
 def value(metrics, group, key):
