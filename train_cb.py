@@ -47,7 +47,7 @@ lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's
 cb_mask = "tool_choice"  # which harmful tokens are rerouted: 'tool_choice' | 'tool_name' | 'completion' | 'full'
 lorra_alpha = 10.0
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
-retain_call_weight = 16.0  # retain distance on the retain samples' replies x this; 1.0 = the original
+retain_call_weight = 4.0  # retain distance on the retain samples' replies x this; 1.0 = the original
 retain_injected = False  # retain also holds injected-but-answered-right samples (they fight the rerouting)
 # LoRA
 lora_r = 16
@@ -56,7 +56,7 @@ lora_dropout = 0.05
 lora_b_init_std = 1e-3  # 0.0 = the original's zero B, whose step 0 sits where the gradient vanishes
 # optimisation
 batch_size = 16  # samples per optimizer step over all processes: 16 harmful + 16 retain
-grad_accum = 1  # micro-batches per process per step
+grad_accum = 1  # micro-batches per process per step (a step's batch is sorted by length: each pads to its own)
 max_steps = 150
 lr = 1e-4
 lr_schedule = "constant"  # 'constant' | 'cosine'

@@ -61,7 +61,7 @@ def assert_same_gradients(out, ref):
     assert got["step"] == want["step"] == 2
     for a, b in ((exp_avg(got), exp_avg(want)), (lora_flat(got), lora_flat(want))):
         # micro-batches padded to their own lengths sum in another fp32 order: differences up to ~2.5e-5 of the
-        # largest entry were seen with the default tool_choice mask and retain replies x16
+        # largest entry were seen with the tool_choice mask and retain replies x16
         torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5 * b.abs().max().item())
     log, ref_log = read_log(out)[0], read_log(ref)[0]
     for step in (1, 2):
