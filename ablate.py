@@ -17,7 +17,7 @@ import sys
 
 ORIGINAL = ["--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0"]
 ROWS = [  # (name, train_cb.py overrides)
-    ("default: layers 1,3, tool_choice mask, retain replies x4", []),
+    ("default: layers 1,3, tool_choice mask, retain replies x6", []),
     ("layers 1,2,3 (all middle)", ["--layers=1,2,3"]),
     ("cb_mask=tool_name", ["--cb_mask=tool_name"]),
     ("cb_mask=completion", ["--cb_mask=completion"]),

@@ -47,7 +47,7 @@ lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's
 cb_mask = "tool_choice"  # which harmful tokens are rerouted: 'tool_choice' | 'tool_name' | 'completion' | 'full'
 lorra_alpha = 10.0
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
-retain_call_weight = 4.0  # retain distance on the retain samples' replies x this; 1.0 = the original
+retain_call_weight = 6.0  # retain distance on the retain samples' replies x this; 1.0 = the original
 retain_injected = False  # retain also holds injected-but-answered-right samples (they fight the rerouting)
 # LoRA
 lora_r = 16
