@@ -338,9 +338,12 @@ while step < max_steps:
             if k == grad_accum - 1 and step % log_interval == 0:
                 diag.update(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
     if ddp:  # each process holds its share of the step's loss: sum the gradients and the losses
-        flat = torch.cat([p.grad.flatten() for p in params])
+        # an adapter no term reached this step has no gradient, on every process alike (the rerouting passes stop
+        # below block max(layers), and step 0 has no retain term): AdamW skips it, as on one process
+        reached = [p for p in params if p.grad is not None]
+        flat = torch.cat([p.grad.flatten() for p in reached])
         dist.all_reduce(flat)
-        for p, g in zip(params, flat.split([p.numel() for p in params])):
+        for p, g in zip(reached, flat.split([p.numel() for p in reached])):
             p.grad.copy_(g.view_as(p))
         dist.all_reduce(losses_sum)
     tokens += sum(len(e["ids"]) for e in (batch_h if c_rr > 0 else []) + (batch_r if c_retain > 0 else []))
