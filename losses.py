@@ -92,7 +92,8 @@ def rerouting_diagnostics(lora_h, frozen_h, mask):
     """
     Over masked positions of the target layers: cos_mean (mean cosine, the original's cb_cos_sim),
     cos_pos_share (share of positions whose cosine is still > 0: ReLU still pushes them), and the mean
-    activation norms lora_norm / frozen_norm (rerouting may shrink or blow up the states).
+    activation norms lora_norm / frozen_norm (rerouting may shrink or blow up the states); n, the number of
+    (layer, position) pairs behind the means (merge_diagnostics weighs micro-batches by it).
     Also serves as the validation cosine on held-out harmful samples.
     """
     _check(lora_h, frozen_h, mask, "rerouting diagnostics")
@@ -106,15 +107,24 @@ def rerouting_diagnostics(lora_h, frozen_h, mask):
         cos_pos_share=(((cos > 0).float() * m).sum() / n).item(),
         lora_norm=((lora_norm * m).sum() / n).item(),
         frozen_norm=((frozen_norm * m).sum() / n).item(),
+        n=n.item(),
     )
 
 
 @torch.no_grad()
 def retain_diagnostics(lora_h, frozen_h, mask):
-    """Over real (masked) positions of all layers: l2 (mean L2 distance per token) and cos (mean cosine)."""
+    """Over real (masked) positions of all layers: l2 (mean L2 distance per token), cos (mean cosine), and n
+    (the number of (layer, position) pairs)."""
     _check(lora_h, frozen_h, mask, "retain diagnostics")
     m = mask.to(torch.float32)[None].expand(lora_h.shape[:3])  # (L, B, T)
     n = m.sum()
     l2 = torch.linalg.vector_norm(lora_h.float() - frozen_h.float(), dim=-1)
     cos = F.cosine_similarity(lora_h.float(), frozen_h.float(), dim=-1)
-    return dict(l2=((l2 * m).sum() / n).item(), cos=((cos * m).sum() / n).item())
+    return dict(l2=((l2 * m).sum() / n).item(), cos=((cos * m).sum() / n).item(), n=n.item())
+
+
+def merge_diagnostics(parts):
+    """Diagnostics of several micro-batches (dicts from the functions above) as those of their union: each
+    mean weighted by its n. No parts gives {}."""
+    n = sum(p["n"] for p in parts)
+    return {k: sum(p[k] * p["n"] for p in parts) / n for k in parts[0] if k != "n"} if parts else {}

@@ -19,7 +19,6 @@ import sys
 import time
 from contextlib import nullcontext
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -221,16 +220,16 @@ def lr_at(step):
 @torch.no_grad()
 def validation_cosine():
     """Rerouting diagnostics on held-out harmful samples: does the breaker generalise beyond train?"""
-    out = []
+    parts = []
     model.eval()
     for i in range(0, len(val), micro):
         b = to_device(data.collate(val[i:i + micro], tok.pad_id))
         with autocast:
             lora_h = hidden_states(b["ids"], frozen=False, stop=max(layers))[list(layers)]
             frozen_h = hidden_states(b["ids"], frozen=True, stop=max(layers))[list(layers)]
-        out.append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"])["cos_mean"])
+        parts.append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
     model.train()
-    return float(np.mean(out))
+    return losses.merge_diagnostics(parts)["cos_mean"]
 
 
 def save_checkpoint(step):
@@ -307,7 +306,8 @@ while step < max_steps:
     rr_count = micro_mask_count(batch_h)
     retain_T = max(len(e["ids"]) for e in batch_r)
     losses_sum = torch.zeros(2, device=device)  # this process's share of loss_rr, loss_retain
-    diag = {}
+    logging = step % log_interval == 0
+    parts = {"rr": [], "retain": [], "call": []}  # diagnostics of this process's micro-batches, on logging steps
     for k in range(grad_accum):
         lo = (k * world + rank) * micro
         # one backward per term, so only one LoRA graph is alive at a time
@@ -321,10 +321,9 @@ while step < max_steps:
             check_finite(l_ret, "loss_retain")
             (c_retain * l_ret).backward()
             losses_sum[1] += l_ret.detach()
-            if k == grad_accum - 1 and step % log_interval == 0:
-                diag.update(losses.retain_diagnostics(lora_h, frozen_h, b["attn"]))
-                call = losses.retain_diagnostics(lora_h, frozen_h, b["target_mask"])  # the benign replies alone
-                diag.update(call_l2=call["l2"], call_cos=call["cos"])
+            if logging:
+                parts["retain"].append(losses.retain_diagnostics(lora_h, frozen_h, b["attn"]))
+                parts["call"].append(losses.retain_diagnostics(lora_h, frozen_h, b["target_mask"]))  # the replies alone
         if c_rr > 0:
             b = to_device(data.collate(batch_h[lo:lo + micro], tok.pad_id))
             with autocast:
@@ -335,8 +334,8 @@ while step < max_steps:
             check_finite(l_rr, "loss_rr")
             (c_rr * l_rr).backward()
             losses_sum[0] += l_rr.detach()
-            if k == grad_accum - 1 and step % log_interval == 0:
-                diag.update(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
+            if logging:
+                parts["rr"].append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
     if ddp:  # each process holds its share of the step's loss: sum the gradients and the losses
         # an adapter no term reached this step has no gradient, on every process alike (the rerouting passes stop
         # below block max(layers), and step 0 has no retain term): AdamW skips it, as on one process
@@ -355,13 +354,16 @@ while step < max_steps:
     optimizer.zero_grad(set_to_none=True)
     step += 1
 
-    if (step - 1) % log_interval == 0 or step == max_steps:
+    if logging or step == max_steps:
         if device_type == "cuda":
             torch.cuda.synchronize()
         dt, t0 = time.time() - t0, time.time()
         mfu = flops / dt / (promised_flops * world)
         mem = (torch.cuda.max_memory_allocated() / 2**30 if device_type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+        call = losses.merge_diagnostics(parts["call"])
+        diag = {**losses.merge_diagnostics(parts["rr"]), **losses.merge_diagnostics(parts["retain"]),
+                **({"call_l2": call["l2"], "call_cos": call["cos"]} if call else {})}
         record = dict(step=step, c_rr=c_rr, c_retain=c_retain, loss_rr=losses_sum[0].item(),
                       loss_retain=losses_sum[1].item(), gnorm=gnorm.item(), lr=lr_at(step - 1),
                       tokens_per_s=tokens / dt, mfu=mfu, mem_gib=mem, **diag)

@@ -4,7 +4,8 @@ import torch
 import transformers
 
 from lora import adapters_off, inject_lora, lora_modules
-from losses import coefficients, rerouting_diagnostics, rerouting_loss, retain_diagnostics, retain_loss
+from losses import (coefficients, merge_diagnostics, rerouting_diagnostics, rerouting_loss, retain_diagnostics,
+                    retain_loss)
 from model import Llama
 
 
@@ -143,10 +144,23 @@ def test_diagnostics_values():
     lora[:, 0, 2, 0] = -5.0  # cos -1, norm 5, masked out below
     m = torch.tensor([[1.0, 1.0, 0.0]])
     d = rerouting_diagnostics(lora, frozen, m)
-    assert d == pytest.approx(dict(cos_mean=0.5, cos_pos_share=0.5, lora_norm=2.0, frozen_norm=2.0))
+    assert d == pytest.approx(dict(cos_mean=0.5, cos_pos_share=0.5, lora_norm=2.0, frozen_norm=2.0, n=4.0))
     r = retain_diagnostics(lora, frozen, m)
-    assert r == pytest.approx(dict(l2=(1.0 + 5 ** 0.5) / 2, cos=0.5))
+    assert r == pytest.approx(dict(l2=(1.0 + 5 ** 0.5) / 2, cos=0.5, n=4.0))
     assert all(type(v) is float for v in list(d.values()) + list(r.values()))
+
+
+def test_merged_diagnostics_equal_those_of_the_whole_batch():
+    torch.manual_seed(0)
+    lora, frozen = torch.randn(2, 5, 7, 8), torch.randn(2, 5, 7, 8)
+    m = (torch.rand(5, 7) > 0.5).float()
+    m[3] = 0.0  # a sample with nothing masked
+    for fn in (rerouting_diagnostics, retain_diagnostics):
+        whole = fn(lora, frozen, m)
+        # unequal micro-batches (1, 2 and 2 samples); the last one holds a sample with nothing masked
+        parts = [fn(lora[:, i:j], frozen[:, i:j], m[i:j]) for i, j in ((0, 1), (1, 3), (3, 5))]
+        assert merge_diagnostics(parts) == pytest.approx({k: v for k, v in whole.items() if k != "n"}, rel=1e-5)
+    assert merge_diagnostics([]) == {}
 
 
 # -- parity: the losses and their gradients on the LoRA weights == the original recipe's compute_loss, transcribed

@@ -143,6 +143,11 @@ def test_step_batches_have_unequal_shares(data_dir):
 def test_grad_accum_gives_the_gradient_of_the_whole_batch(base, data_dir, reference, tmp_path):
     run_train(base, data_dir, tmp_path, *EXACT, "--grad_accum=4")
     assert_same_gradients(tmp_path, reference)
+    # the logged diagnostics are the whole batch's too, merged over the micro-batches (step 1: rerouting only)
+    log, ref_log = read_log(tmp_path)[0], read_log(reference)[0]
+    rr, retain = ("cos_mean", "cos_pos_share", "lora_norm", "frozen_norm"), ("l2", "cos", "call_l2", "call_cos")
+    for step, keys in ((1, rr), (2, rr + retain)):
+        assert {k: log[step][k] for k in keys} == pytest.approx({k: ref_log[step][k] for k in keys}, rel=1e-4)
 
 
 def test_torchrun_two_processes_match_one_with_the_same_global_batch(base, data_dir, reference, tmp_path):
