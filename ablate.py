@@ -4,7 +4,7 @@ layers, the four cb_mask modes, and each departure of the default from the origi
 then all together. Each row trains a circuit breaker (train_cb.py config/organism.py plus the row's overrides)
 and evaluates it (eval.py, no forced-call pass), in subprocesses.
 
-    python ablate.py                       # after organism.py; about 30 minutes on 2 CPU cores
+    python ablate.py                       # after organism.py; about 36 minutes on 2 CPU cores
     python ablate.py --max_steps=60        # any train_cb.py setting, applied to every row
     python ablate.py --rows=1,2            # only these rows; the others are read back from out/ablate/N
     python ablate.py --rows=               # no row run: the table of what out/ablate/ holds
