@@ -1071,8 +1071,8 @@ def step_batch(examples, step, batch_size, seed, salt=0):
     """The batch_size examples of one optimizer step: a fresh permutation of the examples each epoch, so the
     batch is a function of (seed, salt, step) alone. A resumed run, and any number of processes slicing the
     same global batch, see the same samples. Sorted by length, shortest first: micro-batches sliced from it
-    in order are each padded to their own longest example, so accumulation pads less; what a step computes
-    does not depend on the order."""
+    in order are each padded to their own longest example, so accumulation pads less; a step's loss does not
+    depend on the order (only which dropout mask each sample draws does)."""
     n = len(examples)
     idx = range(step * batch_size, (step + 1) * batch_size)
     return sorted((examples[_permutation(n, seed, salt, g // n)[g % n]] for g in idx), key=lambda e: len(e['ids']))
