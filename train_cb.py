@@ -393,5 +393,6 @@ while step < max_steps:
             log("SIGTERM: checkpoint saved, exiting; continue with --init_from=resume")
             break
 
-if ddp:
+if ddp:  # all processes at the end (the master may still be saving) before any tears its process group down:
+    dist.barrier()  # a gloo process that exited while another was busy was seen to abort ("terminate called")
     dist.destroy_process_group()
