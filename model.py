@@ -223,7 +223,7 @@ class Llama(nn.Module):
         if stop is not None:
             if not 0 <= stop <= len(self.layers) or logits:
                 raise ModelError(f"stop={stop}: a partial forward takes 0 <= stop <= {len(self.layers)} and logits=False")
-        for i, block in enumerate(self.layers[:stop]):
+        for i, block in enumerate(self.layers if stop is None else self.layers[:stop]):  # no new ModuleList per decode step
             if self.grad_checkpoint and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
