@@ -200,20 +200,26 @@ class Llama(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def forward(self, ids, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None, last_only=False,
-                stop=None):
-        """ids (B, T). attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None
-        for unpadded / right-padded input, which needs only the causal mask and gets the fast kernels.
+    def forward(self, ids=None, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None,
+                last_only=False, stop=None, embeds=None):
+        """ids (B, T) token ids, or embeds (B, T, dim) input embeddings in their place (exactly one of the two):
+        embeds lets an attack optimise in embedding space or take gradients through a one-hot @ embed_tokens.weight.
+        attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None for unpadded /
+        right-padded input, which needs only the causal mask and gets the fast kernels.
         last_only computes logits for the last position only (generation: the lm_head is the big matmul).
         stop=l runs blocks 0..l-1 only and returns hidden[0..l], hidden[l] the input of block l (no final
         norm, no logits): all the rerouting loss needs when l is the last target layer.
         Returns (logits (B, T or 1, vocab) or None, hidden (n_layers+1 or stop+1, B, T, dim) or None)."""
-        B, T = ids.shape
-        x = self.embed_tokens(ids)
+        if (ids is None) == (embeds is None):
+            raise ModelError("forward takes exactly one of ids and embeds")
+        if embeds is not None and (embeds.dim() != 3 or embeds.shape[-1] != self.config.dim):
+            raise ModelError(f"embeds has shape {tuple(embeds.shape)}, expected (B, T, {self.config.dim})")
+        x = self.embed_tokens(ids) if embeds is None else embeds
+        B, T, _ = x.shape
         if attn_mask is None:
             mask = None
             if pos is None:
-                pos = torch.arange(start, start + T, device=ids.device).expand(B, T)
+                pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         else:
             mask = attention_mask(attn_mask, T, start)
             if pos is None:  # positions count real tokens only, so a left-padded row starts at 0

@@ -215,3 +215,43 @@ def test_tensor_with_the_wrong_shape(tmp_path):
     save_file(sd, f)
     with pytest.raises(ModelError, match="'model.layers.1.mlp.up_proj.weight' is missing"):
         Llama.from_pretrained(d)
+
+
+# --- input embeddings in place of ids --------------------------------------------------------------
+
+def tiny_llama64(seed=0, **kw):
+    """A random float64 Llama built in memory (no checkpoint), for exact equivalence checks."""
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**dict(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=48,
+                             max_seq_len=64) | kw)
+    model = Llama(cfg).double().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.2) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    return model
+
+
+def test_embeds_give_the_output_of_their_ids():
+    model = tiny_llama64()
+    ids, attn = padded_batch("left")
+    with torch.no_grad():
+        want_logits, want_hidden = model(ids, attn_mask=attn, hidden=True)
+        logits, hidden = model(embeds=model.embed_tokens(ids), attn_mask=attn, hidden=True)
+    assert torch.allclose(logits, want_logits, rtol=0, atol=1e-12)
+    assert torch.allclose(hidden, want_hidden, rtol=0, atol=1e-12)
+    # a one-hot @ embedding matrix is the same input and carries a gradient to every vocabulary entry (GCG)
+    one_hot = torch.nn.functional.one_hot(ids, 97).double().requires_grad_(True)
+    logits, _ = model(embeds=one_hot @ model.embed_tokens.weight, attn_mask=attn)
+    assert torch.allclose(logits, want_logits, rtol=0, atol=1e-12)
+    logits[:, -1].logsumexp(-1).sum().backward()
+    assert one_hot.grad.shape == one_hot.shape and one_hot.grad[attn].abs().sum(-1).min() > 0
+
+
+def test_forward_takes_exactly_one_of_ids_and_embeds():
+    model = tiny_llama64()
+    ids = torch.tensor([[1, 2, 3]])
+    for kw in (dict(), dict(ids=ids, embeds=model.embed_tokens(ids))):
+        with pytest.raises(ModelError, match="exactly one of ids and embeds"):
+            model(**kw)
+    with pytest.raises(ModelError, match=r"embeds has shape \(1, 3, 7\)"):
+        model(embeds=torch.zeros(1, 3, 7, dtype=torch.float64))
