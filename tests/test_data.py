@@ -1,4 +1,4 @@
-"""Tool data: exact masks, splits, schema validation, the benchmark importer (data.py, parts 3-8)."""
+"""Tool data: the generator and splits (data.py), schema validation, exact masks and batching (chat.py)."""
 import json
 import os
 import subprocess
@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+import chat
 import data
 from data import DataError, encode_sample, load_jsonl, render
 
@@ -21,6 +22,12 @@ def tok():
 @pytest.fixture(scope='module')
 def splits():
     return data.generate_splits(seed=3, n_train=400, n_val=40, n_test=300)
+
+
+def test_data_re_exports_the_run_path_of_chat():
+    for name in ('DataError', 'TOOLS', 'load_tokenizer', 'render', 'check_row', 'load_jsonl', 'write_jsonl',
+                 'encode_sample', 'CB_MASKS', 'mask_report', 'collate', 'step_batch'):
+        assert getattr(data, name) is getattr(chat, name), name
 
 
 def by_kind(rows):

@@ -1,14 +1,14 @@
-"""The Llama 3 tokenizer and the Llama 3.1 tool-calling chat format (data.py, parts 1 and 2)."""
+"""The Llama 3 tokenizer and the Llama 3.1 tool-calling chat format (chat.py, parts 1-3)."""
 import json
 import os
 import shutil
 
 import pytest
 
-import data
-from data import DataError, load_tokenizer, prompt_ids, render
+import chat
+from chat import DataError, load_tokenizer, prompt_ids, render
 
-TOKENIZER_JSON = os.path.join(data.bundled_tokenizer_dir(), 'tokenizer.json')
+TOKENIZER_JSON = os.path.join(chat.bundled_tokenizer_dir(), 'tokenizer.json')
 
 CORPUS = [
     'Hello, world!',
@@ -74,7 +74,7 @@ def test_special_token_text_in_content_stays_plain_text(tok):
 
 
 def test_tokenizer_found_in_checkpoint_dir_layouts(tmp_path, tok):
-    src = os.path.join(data.bundled_tokenizer_dir(), 'tokenizer.model')
+    src = os.path.join(chat.bundled_tokenizer_dir(), 'tokenizer.model')
     (tmp_path / 'a' / 'original').mkdir(parents=True)
     shutil.copy(src, tmp_path / 'a' / 'original' / 'tokenizer.model')
     (tmp_path / 'b').mkdir()
