@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from util import atomic_dir, atomic_write, fail
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
