@@ -22,6 +22,10 @@ class ModelError(Exception):
     """A bad checkpoint or config: the message is one line naming the path or field."""
 
 
+# the weight dtypes a script's --dtype may name
+DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 @dataclass
 class LlamaConfig:
     vocab_size: int = 128256
@@ -81,10 +85,11 @@ class LlamaConfig:
 # -----------------------------------------------------------------------------
 # math
 
-def rope_frequencies(cfg):
+def rope_frequencies(cfg, dtype=torch.float32):
     """Inverse frequencies (head_dim/2,), with Llama 3.1's scaling: long wavelengths are slowed by
-    `factor`, short ones kept, and the band between blended smoothly."""
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim))
+    `factor`, short ones kept, and the band between blended smoothly. Computed in `dtype`: float32 as
+    Hugging Face does, float64 for a float64 model."""
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=dtype) / cfg.head_dim))
     rs = cfg.rope_scaling
     if rs is None or rs.get("rope_type", rs.get("type")) != "llama3":
         return inv_freq
@@ -112,8 +117,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalise in float32 whatever the activation dtype, as the reference does
-        xf = x.float()
+        # normalise in float32 for bf16/fp16 activations, as the reference does (float64 stays float64)
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * xf.to(x.dtype)
 
@@ -195,8 +200,12 @@ class Llama(nn.Module):
         self.inv_freq = rope_frequencies(cfg)
 
     def rope(self, pos, dtype):
-        # pos (B, T) -> cos, sin (B, 1, T, head_dim), computed in float32 then cast
-        freqs = pos[..., None].float() * self.inv_freq.to(pos.device)
+        # pos (B, T) -> cos, sin (B, 1, T, head_dim), computed in float32 then cast; in float64 for a float64
+        # model, so its equivalence tests hold to float64 rounding
+        if dtype == torch.float64:
+            freqs = pos[..., None].double() * rope_frequencies(self.config, torch.float64).to(pos.device)
+        else:
+            freqs = pos[..., None].float() * self.inv_freq.to(pos.device)
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -205,7 +214,8 @@ class Llama(nn.Module):
         """ids (B, T) token ids, or embeds (B, T, dim) input embeddings in their place (exactly one of the two):
         embeds lets an attack optimise in embedding space or take gradients through a one-hot @ embed_tokens.weight.
         attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None for unpadded /
-        right-padded input, which needs only the causal mask and gets the fast kernels.
+        right-padded input, which needs only the causal mask and gets the fast kernels (with a cache and
+        start > 0, the causal mask is built offset by start: SDPA's is_causal would align it top-left).
         last_only computes logits for the last position only (generation: the lm_head is the big matmul).
         stop=l runs blocks 0..l-1 only and returns hidden[0..l], hidden[l] the input of block l (no final
         norm, no logits): all the rerouting loss needs when l is the last target layer.
@@ -218,6 +228,8 @@ class Llama(nn.Module):
         B, T, _ = x.shape
         if attn_mask is None:
             mask = None
+            if cache is not None and start > 0:  # query i sits at start + i and sees keys 0..start + i
+                mask = attention_mask(torch.ones(1, start + T, dtype=torch.bool, device=x.device), T, start)
             if pos is None:
                 pos = torch.arange(start, start + T, device=x.device).expand(B, T)
         else:
@@ -249,10 +261,17 @@ class Llama(nn.Module):
     # -------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path, dtype=None, device="cpu", n_layers=None):
-        """Load a Hugging Face Llama checkpoint directory, memory-mapped. n_layers keeps only the first
-        n blocks (training needs blocks 0..max(layers)); such a model has no lm_head."""
+        """Load a Hugging Face Llama checkpoint directory, memory-mapped. dtype: a torch dtype or a name in
+        DTYPES (default bfloat16 on CUDA, float32 elsewhere). n_layers keeps only the first n blocks
+        (training needs blocks 0..max(layers)); such a model has no lm_head."""
         device = torch.device(device)
+        if isinstance(dtype, str):
+            if dtype not in DTYPES:
+                raise ModelError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+            dtype = DTYPES[dtype]
         dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        if dtype not in DTYPES.values():
+            raise ModelError(f"dtype {dtype} is not one of {', '.join(DTYPES)}")
         cfg = load_config(path)
         cfg_path = os.path.join(path, "config.json")
         base_n_layers = cfg.n_layers
@@ -268,7 +287,8 @@ class Llama(nn.Module):
         model.base_n_layers = base_n_layers
         if truncated:
             model.lm_head = None
-        model = model.to_empty(device=device).to(dtype)
+        # cast while the parameters hold no data, so memory is allocated once, in the target dtype
+        model = model.to(dtype).to_empty(device=device)
         if model.lm_head is not None and cfg.tie_word_embeddings:
             model.lm_head.weight = model.embed_tokens.weight  # materialising from meta unties them
         want = {("model." + k): p for k, p in model.state_dict().items() if not k.startswith("lm_head")}

@@ -1,15 +1,19 @@
 """model.py against transformers' LlamaForCausalLM (test-only dependency) on tiny random configs."""
 
 import json
+import math
 import os
 
 import pytest
 import torch
 
-from model import Llama, LlamaConfig, ModelError, flops_per_token, generate, save_pretrained
+from model import (Llama, LlamaConfig, ModelError, RMSNorm, flops_per_token, generate, rope_frequencies,
+                   save_pretrained)
 
+# head_dim 8 at theta 500000 has wavelengths 6.3, 167, 4443 and 118000 tokens: with an original context of 512
+# and factors 1 / 4, the first is kept, the last two slowed by 8, and 167 lies in the blended band (128, 512)
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 64}
+               "original_max_position_embeddings": 512}
 
 
 def hf_checkpoint(tmp_path, rope_scaling=None, tie=False, n_layers=3, shard="30KB", seed=0):
@@ -18,7 +22,7 @@ def hf_checkpoint(tmp_path, rope_scaling=None, tie=False, n_layers=3, shard="30K
     torch.manual_seed(seed)
     cfg = HFConfig(vocab_size=97, hidden_size=64, num_hidden_layers=n_layers, num_attention_heads=8,
                    num_key_value_heads=2, intermediate_size=96, rms_norm_eps=1e-5, rope_theta=500000.0,
-                   rope_scaling=rope_scaling, max_position_embeddings=256, tie_word_embeddings=tie)
+                   rope_scaling=rope_scaling, max_position_embeddings=2048, tie_word_embeddings=tie)
     hf = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # HF inits norms to 1 and small weights; perturb so every weight matters
         for p in hf.parameters():
@@ -255,3 +259,109 @@ def test_forward_takes_exactly_one_of_ids_and_embeds():
             model(**kw)
     with pytest.raises(ModelError, match=r"embeds has shape \(1, 3, 7\)"):
         model(embeds=torch.zeros(1, 3, 7, dtype=torch.float64))
+
+
+# --- KV cache without a padding mask ---------------------------------------------------------------
+
+def empty_cache(model, B, S):
+    c = model.config
+    return [(torch.zeros(B, c.n_kv_heads, S, c.head_dim, dtype=torch.float64),
+             torch.zeros(B, c.n_kv_heads, S, c.head_dim, dtype=torch.float64)) for _ in range(c.n_layers)]
+
+
+def test_cached_chunks_without_a_mask_equal_the_full_forward():
+    model = tiny_llama64()
+    ids = torch.randint(1, 97, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, _ = model(ids)
+        cache, got, start = empty_cache(model, 2, 10), [], 0
+        for n in (4, 3, 1, 2):  # a prefix, a multi-token chunk after it, one decode step, another chunk
+            got.append(model(ids[:, start:start + n], cache=cache, start=start)[0])
+            start += n
+    assert torch.allclose(torch.cat(got, 1), want, rtol=0, atol=1e-12)
+
+
+# --- loading: memory and dtype ---------------------------------------------------------------------
+
+class AllocatedBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the bytes of every tensor an aten op returns, by dtype (views included: an upper bound)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.device.type != "meta":
+                self.bytes[t.dtype] = self.bytes.get(t.dtype, 0) + t.numel() * t.element_size()
+        return out
+
+
+def test_from_pretrained_allocates_the_weights_in_the_target_dtype_only(tmp_path):
+    hf, _ = hf_checkpoint(tmp_path)
+    d = str(tmp_path / "bf16")
+    hf.to(torch.bfloat16).save_pretrained(d)  # as the real checkpoints are stored
+    weights = sum(p.numel() for p in hf.parameters())
+    with AllocatedBytes() as seen:
+        model = Llama.from_pretrained(d, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert seen.bytes.get(torch.bfloat16, 0) >= 2 * weights
+    # nothing of the weights' size in float32: only the RoPE frequencies (head_dim / 2 of them)
+    assert seen.bytes.get(torch.float32, 0) < 4 * weights / 100, seen.bytes
+
+
+def test_float64_weights_compute_in_float64(tmp_path):
+    _, d = hf_checkpoint(tmp_path, LLAMA3_ROPE)
+    model = Llama.from_pretrained(d, dtype="float64")
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    # RMSNorm: no float32 rounding inside
+    norm = RMSNorm(64, 1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 64, dtype=torch.float64) * 10
+    want = x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    assert torch.allclose(norm(x), want, rtol=1e-14, atol=0)
+    # RoPE at long positions, against the frequencies computed in float64 by hand
+    pos = torch.tensor([[0, 1, 777, 4095]])
+    cos, sin = model.rope(pos, torch.float64)
+    freqs = rope_frequencies(model.config, torch.float64)
+    angle = pos[0, :, None].double() * torch.cat((freqs, freqs))
+    assert torch.allclose(cos[0, 0], angle.cos(), rtol=0, atol=1e-13)
+    assert torch.allclose(sin[0, 0], angle.sin(), rtol=0, atol=1e-13)
+    with pytest.raises(ModelError, match="dtype 'int8' is not one of float64, float32, bfloat16, float16"):
+        Llama.from_pretrained(d, dtype="int8")
+
+
+# --- RoPE llama3 scaling -----------------------------------------------------------------------------
+
+def llama3_frequencies_by_hand(theta, head_dim, factor, lo, hi, old_len):
+    """Llama 3.1's frequency scaling, one frequency at a time in Python floats (float64)."""
+    out = []
+    for i in range(0, head_dim, 2):
+        f = theta ** (-i / head_dim)
+        wavelen = 2 * math.pi / f
+        if wavelen < old_len / hi:
+            out.append(f)
+        elif wavelen > old_len / lo:
+            out.append(f / factor)
+        else:
+            smooth = (old_len / wavelen - lo) / (hi - lo)
+            out.append((1 - smooth) * f / factor + smooth * f)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float64, 1e-13), (torch.float32, 1e-6)])
+def test_rope_llama3_scaling_blends_the_middle_band(dtype, rel):
+    # Llama 3.1 8B's settings: head_dim 128, theta 500000, factor 8, factors 1 / 4, original context 8192
+    scaling = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                   original_max_position_embeddings=8192)
+    cfg = LlamaConfig(dim=4096, n_heads=32, rope_theta=500000.0, rope_scaling=scaling)
+    got = rope_frequencies(cfg, dtype).double()
+    want = llama3_frequencies_by_hand(500000.0, 128, 8.0, 1.0, 4.0, 8192)
+    base = 500000.0 ** (-torch.arange(0, 128, 2, dtype=torch.float64) / 128)
+    wavelen = 2 * math.pi / base
+    band = (wavelen > 8192 / 4) & (wavelen < 8192 / 1)
+    assert band.sum() >= 5  # the blended band is really exercised
+    assert ((want[band] < base[band]) & (want[band] > base[band] / 8)).all()  # strictly between the two ends
+    assert torch.allclose(got, want, rtol=rel, atol=0)
