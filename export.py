@@ -16,41 +16,32 @@ generation_config.json and the tokenizer files come from the base.
 Adapter: adapter_config.json + adapter_model.safetensors under PEFT's names, float32 as trained, for
 `peft.PeftModel.from_pretrained(base, DIR)`.
 
-Either way the output is built in a temp dir next to --out and renamed at the end.
+Either way the output is built in a temp dir next to --out and renamed at the end (util.atomic_dir).
 """
 
 import json
 import os
 import re
 import shutil
-import sys
-import tempfile
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from model import ModelError, checkpoint_files, load_config
+from util import atomic_dir, fail
 
 # -----------------------------------------------------------------------------
+ckpt = ""  # train_cb.py's ckpt.pt (required): the positional argument
 out = ""  # output directory (required)
 adapter = False  # write a PEFT LoRA adapter instead of merged weights
 dtype = "bfloat16"  # merged weights: 'bfloat16' | 'float32' | 'float16'
 shard_size = "5GB"  # merged weights: most bytes per safetensors file ('500MB', '2GiB', 1000000, ...)
 force = False  # replace an existing non-empty --out
 init_from = ""  # base HF dir; '' = the one the checkpoint was trained on
-
-
-def fail(msg):
-    sys.exit(f"export.py: {msg}")
-
-
-# the checkpoint is a positional argument, which configurator.py would take for a config file; a bare
-# --flag of a boolean setting means --flag=True
-_args = [a for a in sys.argv[1:] if a.startswith("--") or a.endswith(".py")]
-_ckpts = [a for a in sys.argv[1:] if a not in _args]
-sys.argv[1:] = [f"{a}=True" if "=" not in a and isinstance(globals().get(a[2:]), bool) else a for a in _args]
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+_positional = "ckpt"
+if __name__ == "__main__":  # imported (by a test), only the functions below
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # -----------------------------------------------------------------------------
 
 # copied from the base when present; Llama's license asks that a derivative ship with its agreement
@@ -63,8 +54,8 @@ def parse_size(s):
     """'5GB' -> 5_000_000_000 (decimal as Hugging Face's max_shard_size; KiB/MiB/GiB are binary)."""
     units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", str(s))
-    if not m or m.group(2).upper() not in units or float(m.group(1)) <= 0:
-        fail(f"--shard_size={s}: expected a size like 5GB, 500MB or 2GiB")
+    if not m or m.group(2).upper() not in units or float(m.group(1)) * units[m.group(2).upper()] < 1:
+        fail(f"--shard_size={s}: expected a size of at least one byte, like 5GB, 500MB or 2GiB")
     return int(float(m.group(1)) * units[m.group(2).upper()])
 
 
@@ -175,7 +166,8 @@ def write_merged(tmp, base, files, ckpt, mods, dt, max_shard):
         final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         os.replace(os.path.join(tmp, name), os.path.join(tmp, final))
         weight_map.update({k: final for k in keys})
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items(), key=lambda kv: natural(kv[0])))}
+    weight_map = dict(sorted(weight_map.items(), key=lambda kv: natural(kv[0])))
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as fh:
         json.dump(index, fh, indent=2)
 
@@ -216,49 +208,31 @@ def write_adapter(tmp, base, ckpt, mods):
 
 
 # -----------------------------------------------------------------------------
-if len(_ckpts) != 1:
-    fail("usage: python export.py CKPT.pt --out=DIR [--adapter] [--dtype=bfloat16|float32] [--shard_size=5GB] "
-         "[--force] [--init_from=BASE_DIR]")
-ckpt_path = _ckpts[0]
-if not out:
-    fail("--out=DIR is required")
-if dtype not in DTYPES:
-    fail(f"--dtype={dtype}: choose among {', '.join(DTYPES)}")
-max_shard = parse_size(shard_size)
-out_dir = os.path.abspath(out)
-if os.path.exists(out_dir) and not force and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    fail(f"{out}: already exists and is not empty (pass --force to replace it)")
+if __name__ == "__main__":
+    if not ckpt:
+        fail("usage: python export.py CKPT.pt --out=DIR [--adapter] [--dtype=bfloat16|float32|float16] "
+             "[--shard_size=5GB] [--force] [--init_from=BASE_DIR]")
+    if not out:
+        fail("--out=DIR is required")
+    if dtype not in DTYPES:
+        fail(f"--dtype={dtype}: choose among {', '.join(DTYPES)}")
+    max_shard = parse_size(shard_size)
+    out_dir = os.path.abspath(out)
+    if os.path.exists(out_dir) and not force and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        fail(f"{out}: already exists and is not empty (pass --force to replace it)")
 
-ckpt, mods = read_checkpoint(ckpt_path)
-base = init_from or ckpt["init_from"]
-files = check_base(base, ckpt, ckpt_path, mods)
-
-os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
-try:
-    if adapter:
-        write_adapter(tmp, base, ckpt, mods)
-        what = f"PEFT adapter ({len(mods)} LoRA modules on blocks {sorted({int(m.split('.')[1]) for m in mods})})"
-    else:
-        n, total = write_merged(tmp, base, files, ckpt, mods, DTYPES[dtype], max_shard)
-        what = f"merged {dtype} checkpoint, {total / 1e9:.2f} GB in {n} shard(s)"
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 and safetensors' 0600 would hide the export from other users
-    for name in os.listdir(tmp):
-        if name.endswith(".safetensors"):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)
-    # swap in: the old output (with --force) is moved aside first, so a crash leaves one whole directory
-    old = None
-    if os.path.lexists(out_dir):
-        old = tmp + ".old"
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old:
-        shutil.rmtree(old) if os.path.isdir(old) else os.remove(old)
-except BaseException as e:  # a full disk, ^C, a crash: no half-written export is left behind
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(e, OSError):
+    lora_ckpt, mods = read_checkpoint(ckpt)
+    base = init_from or lora_ckpt["init_from"]
+    files = check_base(base, lora_ckpt, ckpt, mods)
+    try:
+        with atomic_dir(out_dir) as tmp:  # an old --out (with --force) is swapped out only once the new one is whole
+            if adapter:
+                write_adapter(tmp, base, lora_ckpt, mods)
+                blocks = sorted({int(m.split(".")[1]) for m in mods})
+                what = f"PEFT adapter ({len(mods)} LoRA modules on blocks {blocks})"
+            else:
+                n, total = write_merged(tmp, base, files, lora_ckpt, mods, DTYPES[dtype], max_shard)
+                what = f"merged {dtype} checkpoint, {total / 1e9:.2f} GB in {n} shard(s)"
+    except OSError as e:  # a full disk: the temp dir is gone, the old --out untouched
         fail(f"{out}: writing the export failed ({e}); nothing was written")
-    raise
-print(f"export.py: wrote {what} to {out}")
+    print(f"export.py: wrote {what} to {out}")

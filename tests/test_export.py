@@ -106,8 +106,11 @@ def test_merged_export_is_sharded_with_index_and_base_files(trained):
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) >= 4 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
     assert sorted(f for f in os.listdir(d) if f.endswith(".safetensors")) == shards
+    (trained["root"] / "by_open").write_text("")  # safetensors writes 0600: the export is as readable as open()'s
+    assert {os.stat(d / f).st_mode for f in shards} == {os.stat(trained["root"] / "by_open").st_mode}
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(d).values())
-    for name in ("config.json", "tokenizer.json", "tokenizer.model", "original/tokenizer.model", "generation_config.json"):
+    for name in ("config.json", "tokenizer.json", "tokenizer.model", "original/tokenizer.model",
+                 "generation_config.json"):
         assert (d / name).read_bytes() == (trained["root"] / "base" / name).read_bytes()
 
 
@@ -140,6 +143,35 @@ def test_bad_inputs_get_one_line_and_leave_no_output(trained, tmp_path):
     exported(ckpt, f"--out={busy}", "--adapter", "--force")
     assert sorted(os.listdir(busy)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["busy", "moved.pt", "other"]
+
+
+def test_impossible_settings_stop_with_one_line_before_anything_is_written(tmp_path):
+    out = f"--out={tmp_path / 'o'}"
+    cases = [([], "usage: python export.py CKPT.pt"),
+             (["a.pt", "b.pt", out], "one ckpt at a time, got a.pt and b.pt"),
+             (["a.pt"], "--out=DIR is required"),
+             (["a.pt", out, "--dtype=int8"], "--dtype=int8: choose among bfloat16, float32, float16"),
+             (["a.pt", out, "--shard_size=0"], "--shard_size=0: expected a size of at least one byte"),
+             (["a.pt", out, "--shard_size=-5GB"], "--shard_size=-5GB: expected a size"),
+             (["a.pt", out, "--shard_size=0.5B"], "--shard_size=0.5B: expected a size"),
+             (["a.pt", out, "--shard_size=5 parsecs"], "--shard_size=5 parsecs: expected a size"),
+             (["a.pt", out, "--adapter=maybe"], "--adapter: adapter expects bool"),
+             (["a.pt", out, "--dtype"], "--dtype: expected --dtype=VALUE"),
+             (["a.pt", out, "--N_RANKS=2"], "unknown config key 'N_RANKS'")]
+    for args, needle in cases:
+        err = export(*args)
+        assert isinstance(err, str) and err.startswith("export.py: ") and needle in err and "\n" not in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_importing_export_runs_nothing(tmp_path, capsys):
+    argv, sys.argv = sys.argv, ["export.py", "a.pt", f"--out={tmp_path / 'o'}"]
+    try:
+        g = runpy.run_path(os.path.join(ROOT, "export.py"), run_name="export")
+    finally:
+        sys.argv = argv
+    assert g["ckpt"] == "" and callable(g["write_merged"])
+    assert capsys.readouterr().out == "" and os.listdir(tmp_path) == []
 
 
 def test_failed_write_leaves_no_half_written_output(trained, tmp_path, monkeypatch):
