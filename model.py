@@ -17,6 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
+from util import atomic_dir
+
 
 class ModelError(Exception):
     """A bad checkpoint or config: the message is one line naming the path or field."""
@@ -365,24 +367,20 @@ def load_tensors(files, want, path):
 
 
 def save_pretrained(model, path, dtype=torch.bfloat16):
-    """Write config.json + model.safetensors (HF layout) atomically: into a temp dir, then renamed."""
+    """Write config.json + model.safetensors (HF layout) into a temp dir that then takes the place of `path`:
+    a crash leaves the old directory or the new one, whole."""
     from safetensors.torch import save_file
-    tmp = path.rstrip("/") + ".tmp"
-    os.makedirs(tmp, exist_ok=True)
     cfg = model.config.to_hf()
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(cfg, f, indent=2)
     sd = {}
     for k, v in model.state_dict().items():
         if k == "lm_head.weight" and model.config.tie_word_embeddings:
             continue
         sd[k if k.startswith("lm_head") else "model." + k] = v.detach().to(dtype).contiguous()
-    save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
-    if os.path.isdir(path):
-        import shutil
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    with atomic_dir(path) as tmp:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(cfg, f, indent=2)
+        save_file(sd, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
 
 
 # -----------------------------------------------------------------------------

@@ -365,3 +365,25 @@ def test_rope_llama3_scaling_blends_the_middle_band(dtype, rel):
     assert band.sum() >= 5  # the blended band is really exercised
     assert ((want[band] < base[band]) & (want[band] > base[band] / 8)).all()  # strictly between the two ends
     assert torch.allclose(got, want, rtol=rel, atol=0)
+
+
+def test_save_pretrained_over_a_directory_is_all_or_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+    model = tiny_llama64()
+    out = str(tmp_path / "model")
+    save_pretrained(model, out, dtype=torch.float32)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)}
+
+    def full_disk(*args, **kwargs):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with torch.no_grad():
+        model.norm.weight.add_(1.0)
+    with pytest.raises(OSError, match="No space left"):
+        save_pretrained(model, out, dtype=torch.float32)
+    assert os.listdir(tmp_path) == ["model"]  # no temp directory left behind
+    assert {f: open(os.path.join(out, f), "rb").read() for f in os.listdir(out)} == before
+    monkeypatch.undo()
+    save_pretrained(model, out, dtype=torch.float32)  # and a save that succeeds replaces it whole
+    assert os.listdir(tmp_path) == ["model"] and sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert torch.equal(Llama.from_pretrained(out, dtype="float32").norm.weight, model.norm.weight.float())
