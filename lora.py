@@ -12,7 +12,6 @@ instead: see inject_lora). This file knows nothing about losses or data.
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 
 import torch
@@ -20,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file, safe_open
+
+from util import atomic_write
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -50,6 +51,7 @@ class LoRALinear(nn.Module):
         self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA path only
         self.enabled = True
+        self.lora_merged = getattr(base, "lora_merged", False)  # the base weight already holds a merged update
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -153,7 +155,13 @@ def lora_config(model):
 
 @contextmanager
 def adapters_off(model):
-    """Run the base model: every LoRA path is skipped inside the block, restored after (even on error)."""
+    """Run the base model: every LoRA path is skipped inside the block, restored after (even on error).
+    Refuses once merge_lora has folded an update into the weights: the base weights are gone, and running on
+    would silently give the adapted model."""
+    merged = [n for n, m in _unwrap(model).named_modules() if getattr(m, "lora_merged", False)]
+    if merged:
+        raise LoRAError(f"{merged[0]} holds a merged LoRA update (merge_lora): the base model is gone, "
+                        "adapters_off cannot run it; load the base weights again")
     mods = [m for _, m in lora_modules(model)]
     before = [m.enabled for m in mods]
     for m in mods:
@@ -201,16 +209,7 @@ def save_lora(path, model, metadata=None):
     meta = dict(metadata or {})
     meta["lora"] = lora_config(model)
     header = {"nanocb": json.dumps(meta)}  # safetensors metadata is str -> str
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=d)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=header)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=header))
 
 
 def load_lora(path):
@@ -238,7 +237,7 @@ def merge_lora(model):
     Fold every adapter into its base weight, W += scale * B @ A (computed in float32, then cast to W's dtype),
     and swap each LoRALinear back to the nn.Linear it came from. In place; returns the model. Exact up to
     rounding, so eval can run the circuit-broken model at the base model's speed and export can write plain
-    HF weights under their usual keys.
+    HF weights under their usual keys. The base weights are gone afterwards, so adapters_off refuses to run.
     """
     for name, m in lora_modules(model):
         with torch.no_grad():
@@ -246,6 +245,7 @@ def merge_lora(model):
             m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))  # one rounding, in W's dtype
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias
+        lin.lora_merged = True  # adapters_off refuses from now on: these weights are no longer the base
         parent_name, _, child = name.rpartition(".")
         setattr(_unwrap(model).get_submodule(parent_name), child, lin)
     return model

@@ -73,6 +73,22 @@ def test_merge_equals_unmerged_forward_and_restores_plain_linear():
     assert torch.allclose(merged, adapted, atol=2e-5, rtol=1e-5), (merged - adapted).abs().max()
 
 
+def test_adapters_off_refuses_a_merged_model():
+    model = tiny()
+    inject_lora(model, r=4, lora_alpha=8, layers=[1], b_init_std=0.05, generator=torch.Generator().manual_seed(0))
+    merge_lora(model)
+    with pytest.raises(LoRAError, match="layers.1.self_attn.q_proj holds a merged LoRA update") as e:
+        with adapters_off(model):
+            pass
+    assert "\n" not in str(e.value)
+    inject_lora(model, r=4, lora_alpha=8, layers=[1])  # a new adapter over merged weights: still not the base
+    with pytest.raises(LoRAError, match="merged LoRA update"):
+        with adapters_off(model):
+            pass
+    with adapters_off(tiny()):  # a model without adapters is its own base
+        pass
+
+
 def test_lora_math_scale_and_dropout_on_lora_path_only():
     torch.manual_seed(0)
     base = nn.Linear(16, 12, bias=False)
