@@ -45,10 +45,11 @@ class LoRALinear(nn.Module):
         self.bias = base.bias
         self.r, self.lora_alpha, self.dropout_p = r, lora_alpha, dropout
         self.scale = lora_alpha / r
-        # LoRA parameters live in float32 whatever the base dtype: Adam's tiny updates survive, and autocast
-        # (bf16 on CUDA) still runs the matmuls in low precision
-        self.lora_a = nn.Parameter(torch.zeros(r, self.in_features, device=base.weight.device))
-        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device))
+        # LoRA parameters live in float32 under a bf16/fp16/fp32 base: Adam's tiny updates survive, and autocast
+        # (bf16 on CUDA) still runs the matmuls in low precision. A float64 base keeps them in float64.
+        dtype = torch.promote_types(base.weight.dtype, torch.float32)
+        self.lora_a = nn.Parameter(torch.zeros(r, self.in_features, device=base.weight.device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # on the LoRA path only
         self.enabled = True
         self.lora_merged = getattr(base, "lora_merged", False)  # the base weight already holds a merged update
@@ -142,8 +143,8 @@ def inject_lora(model, r, lora_alpha, dropout=0.0, layers=None, targets=TARGETS,
 
 
 def lora_config(model):
-    """dict(r, lora_alpha, dropout, layers, targets) of an injected model: inject_lora(fresh_model, **lora_config(model))
-    rebuilds the same adapter layout."""
+    """dict(r, lora_alpha, dropout, layers, targets) of an injected model:
+    inject_lora(fresh_model, **lora_config(model)) rebuilds the same adapter layout."""
     mods = lora_modules(model)
     if not mods:
         raise LoRAError("the model has no LoRA adapters")
@@ -188,12 +189,15 @@ def load_lora_state_dict(model, sd, source="adapter"):
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
     if missing:
-        raise LoRAError(f"{source}: {len(missing)} LoRA tensor(s) missing, first {missing[0]} (adapter built for other layers or targets?)")
+        raise LoRAError(f"{source}: {len(missing)} LoRA tensor(s) missing, first {missing[0]} "
+                        "(adapter built for other layers or targets?)")
     if unexpected:
-        raise LoRAError(f"{source}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]} (adapter built for other layers or targets?)")
+        raise LoRAError(f"{source}: {len(unexpected)} unexpected tensor(s), first {unexpected[0]} "
+                        "(adapter built for other layers or targets?)")
     for k, p in own.items():
         if tuple(sd[k].shape) != tuple(p.shape):
-            raise LoRAError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(p.shape)} (different r or base model?)")
+            raise LoRAError(f"{source}: {k} has shape {tuple(sd[k].shape)}, the model expects {tuple(p.shape)} "
+                            "(different r or base model?)")
     with torch.no_grad():
         for k, p in own.items():
             p.copy_(sd[k])
@@ -234,15 +238,17 @@ def load_lora(path):
 
 def merge_lora(model):
     """
-    Fold every adapter into its base weight, W += scale * B @ A (computed in float32, then cast to W's dtype),
-    and swap each LoRALinear back to the nn.Linear it came from. In place; returns the model. Exact up to
-    rounding, so eval can run the circuit-broken model at the base model's speed and export can write plain
-    HF weights under their usual keys. The base weights are gone afterwards, so adapters_off refuses to run.
+    Fold every adapter into its base weight, W += scale * B @ A (computed in float32, or float64 for a float64
+    model, then cast to W's dtype), and swap each LoRALinear back to the nn.Linear it came from. In place;
+    returns the model. Exact up to rounding, so eval can run the circuit-broken model at the base model's speed
+    and export can write plain HF weights under their usual keys. The base weights are gone afterwards, so
+    adapters_off refuses to run.
     """
     for name, m in lora_modules(model):
         with torch.no_grad():
-            delta = (m.lora_b.float() @ m.lora_a.float()) * m.scale  # (out, in)
-            m.weight.copy_((m.weight.float() + delta).to(m.weight.dtype))  # one rounding, in W's dtype
+            dtype = torch.promote_types(m.weight.dtype, torch.float32)
+            delta = (m.lora_b.to(dtype) @ m.lora_a.to(dtype)) * m.scale  # (out, in)
+            m.weight.copy_((m.weight.to(dtype) + delta).to(m.weight.dtype))  # one rounding, in W's dtype
         lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
         lin.weight, lin.bias = m.weight, m.bias
         lin.lora_merged = True  # adapters_off refuses from now on: these weights are no longer the base

@@ -10,7 +10,7 @@ checkpoint's key without its `model.` prefix, and LoRA/export code can speak one
 import json
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -73,7 +73,8 @@ class LlamaConfig:
             raise ModelError(f"{where}: head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
         rs = kw.get("rope_scaling")
         if rs is not None and rs.get("rope_type", rs.get("type")) not in ("llama3", "default"):
-            raise ModelError(f"{where}: rope_scaling type {rs.get('rope_type', rs.get('type'))!r} is not supported (llama3 only)")
+            kind = rs.get("rope_type", rs.get("type"))
+            raise ModelError(f"{where}: rope_scaling type {kind!r} is not supported (llama3 only)")
         return cls(**kw)
 
     def to_hf(self):
@@ -242,8 +243,10 @@ class Llama(nn.Module):
         states = [x]
         if stop is not None:
             if not 0 <= stop <= len(self.layers) or logits:
-                raise ModelError(f"stop={stop}: a partial forward takes 0 <= stop <= {len(self.layers)} and logits=False")
-        for i, block in enumerate(self.layers if stop is None else self.layers[:stop]):  # no new ModuleList per decode step
+                raise ModelError(f"stop={stop}: a partial forward takes 0 <= stop <= {len(self.layers)} "
+                                 "and logits=False")
+        # the blocks themselves when not stopping early: a slice would build a new ModuleList on every decode step
+        for i, block in enumerate(self.layers if stop is None else self.layers[:stop]):
             if self.grad_checkpoint and cache is None and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
             else:
@@ -256,7 +259,8 @@ class Llama(nn.Module):
         out_logits = None
         if logits:
             if self.lm_head is None:
-                raise ModelError(f"this model keeps only {self.config.n_layers} of {self.base_n_layers} blocks; it has no lm_head")
+                raise ModelError(f"this model keeps only {self.config.n_layers} of {self.base_n_layers} blocks; "
+                                 "it has no lm_head")
             out_logits = self.lm_head(x[:, -1:] if last_only else x)
         return out_logits, torch.stack(states) if hidden else None
 
@@ -412,7 +416,8 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, pad_id=0
     rows = torch.arange(B, device=device)  # the rows still generating; finished ones leave the batch
     start, x = 0, ids
     for t in range(max_new_tokens):
-        logits, _ = model(x, attn_mask=valid, cache=cache, start=start, pos=pos[:, start:start + x.shape[1]], last_only=True)
+        logits, _ = model(x, attn_mask=valid, cache=cache, start=start, pos=pos[:, start:start + x.shape[1]],
+                          last_only=True)
         logits = logits[:, -1].float()
         if temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)

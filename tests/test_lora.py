@@ -13,9 +13,9 @@ from model import Llama, LlamaConfig
 CFG = dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, hidden_dim=128, max_seq_len=64)
 
 
-def tiny(seed=0):
+def tiny(seed=0, dtype=torch.float32):
     torch.manual_seed(seed)
-    return Llama(LlamaConfig(**CFG)).eval()
+    return Llama(LlamaConfig(**CFG)).to(dtype).eval()
 
 
 def batch(seed=1):
@@ -57,7 +57,7 @@ def test_adapters_off_equals_base_with_nonzero_b():
 
 
 def test_merge_equals_unmerged_forward_and_restores_plain_linear():
-    model = tiny()
+    model = tiny(dtype=torch.float64)
     keys_before = set(model.state_dict())
     ids, attn = batch()
     inject_lora(model, r=4, lora_alpha=8, layers=[0, 2], b_init_std=0.05, generator=torch.Generator().manual_seed(0))
@@ -70,7 +70,7 @@ def test_merge_equals_unmerged_forward_and_restores_plain_linear():
             assert type(getattr(parent, name)) is nn.Linear
     assert set(model.state_dict()) == keys_before  # plain HF keys again, ready for export
     merged = hidden(model, ids, attn)
-    assert torch.allclose(merged, adapted, atol=2e-5, rtol=1e-5), (merged - adapted).abs().max()
+    assert torch.allclose(merged, adapted, rtol=0, atol=1e-12), (merged - adapted).abs().max()
 
 
 def test_adapters_off_refuses_a_merged_model():
@@ -91,28 +91,30 @@ def test_adapters_off_refuses_a_merged_model():
 
 def test_lora_math_scale_and_dropout_on_lora_path_only():
     torch.manual_seed(0)
-    base = nn.Linear(16, 12, bias=False)
+    base = nn.Linear(16, 12, bias=False).double()
     lora = LoRALinear(base, r=4, lora_alpha=12, dropout=0.5)
+    assert lora.lora_a.dtype == lora.lora_b.dtype == torch.float64  # a float64 model's adapter stays float64
     with torch.no_grad():
         lora.lora_a.normal_()
         lora.lora_b.normal_()
-    x = torch.randn(3, 16)
+    x = torch.randn(3, 16, dtype=torch.float64)
     assert lora.scale == 3.0
     lora.eval()
     want = x @ base.weight.T + 3.0 * (x @ lora.lora_a.T @ lora.lora_b.T)
-    assert torch.allclose(lora(x), want, atol=1e-5)
+    assert torch.allclose(lora(x), want, rtol=0, atol=1e-12)
     lora.train()
     torch.manual_seed(7)
     want = x @ base.weight.T + 3.0 * (F.dropout(x, 0.5, True) @ lora.lora_a.T @ lora.lora_b.T)
     torch.manual_seed(7)
-    assert torch.allclose(lora(x), want, atol=1e-5)
+    assert torch.allclose(lora(x), want, rtol=0, atol=1e-12)
     lora.enabled = False
     assert torch.equal(lora(x), base(x))  # the base path never sees dropout
 
 
 def test_only_lora_params_require_grad():
     model = tiny()
-    params = inject_lora(model, r=4, lora_alpha=8, layers=[1, 3], b_init_std=0.01, generator=torch.Generator().manual_seed(0))
+    params = inject_lora(model, r=4, lora_alpha=8, layers=[1, 3], b_init_std=0.01,
+                         generator=torch.Generator().manual_seed(0))
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     assert len(params) == len(trainable) == 2 * len(TARGETS) * 2
     assert {id(p) for p in params} == {id(p) for _, p in trainable}
@@ -165,7 +167,8 @@ def test_inject_bad_settings_one_line(kw, words):
 
 def test_save_load_roundtrip(tmp_path):
     model = tiny()
-    inject_lora(model, r=4, lora_alpha=8, dropout=0.05, layers=[0, 1], b_init_std=0.05, generator=torch.Generator().manual_seed(0))
+    inject_lora(model, r=4, lora_alpha=8, dropout=0.05, layers=[0, 1], b_init_std=0.05,
+                generator=torch.Generator().manual_seed(0))
     path = str(tmp_path / "adapter.safetensors")
     save_lora(path, model, dict(init_from="some/dir", layers=[1], step=7))
     assert os.listdir(tmp_path) == ["adapter.safetensors"]  # no temp file left behind
@@ -185,9 +188,12 @@ def test_load_errors_are_one_clear_line(tmp_path):
     inject_lora(model, r=4, lora_alpha=8, layers=[0, 1])
     sd = {k: v.clone() for k, v in lora_state_dict(model).items()}
     cases = [
-        ({k: v for k, v in sd.items() if k != "layers.1.mlp.up_proj.lora_b"}, "missing, first layers.1.mlp.up_proj.lora_b"),
-        (sd | {"layers.3.self_attn.q_proj.lora_a": torch.zeros(4, 64)}, "unexpected tensor.*layers.3.self_attn.q_proj.lora_a"),
-        (sd | {"layers.0.self_attn.k_proj.lora_a": torch.zeros(8, 64)}, r"layers.0.self_attn.k_proj.lora_a has shape \(8, 64\), the model expects \(4, 64\)"),
+        ({k: v for k, v in sd.items() if k != "layers.1.mlp.up_proj.lora_b"},
+         "missing, first layers.1.mlp.up_proj.lora_b"),
+        (sd | {"layers.3.self_attn.q_proj.lora_a": torch.zeros(4, 64)},
+         "unexpected tensor.*layers.3.self_attn.q_proj.lora_a"),
+        (sd | {"layers.0.self_attn.k_proj.lora_a": torch.zeros(8, 64)},
+         r"layers.0.self_attn.k_proj.lora_a has shape \(8, 64\), the model expects \(4, 64\)"),
     ]
     for bad, words in cases:
         with pytest.raises(LoRAError, match=words) as e:
@@ -195,7 +201,8 @@ def test_load_errors_are_one_clear_line(tmp_path):
         assert "\n" not in str(e.value)
     garbage = tmp_path / "bad.safetensors"
     garbage.write_bytes(b"not a safetensors file at all")
-    for path, words in [(str(tmp_path / "nope.safetensors"), "no such adapter file"), (str(garbage), "not a readable safetensors adapter")]:
+    for path, words in [(str(tmp_path / "nope.safetensors"), "no such adapter file"),
+                        (str(garbage), "not a readable safetensors adapter")]:
         with pytest.raises(LoRAError, match=words) as e:
             load_lora(path)
         assert "\n" not in str(e.value)

@@ -166,7 +166,8 @@ def test_flops_per_token_counts_the_8b_model():
     cfg = LlamaConfig()  # Llama-3.1-8B shapes
     params = 32 * (4096 * (2 * 4096 + 2 * 1024) + 3 * 4096 * 14336)  # matmul weights of the blocks
     assert flops_per_token(cfg, seq_len=0) == 2 * params
-    assert flops_per_token(cfg, 1000, lm_head=True) - flops_per_token(cfg, 0) == 4 * 32 * 1000 * 4096 + 2 * 4096 * 128256
+    attention_and_head = 4 * 32 * 1000 * 4096 + 2 * 4096 * 128256
+    assert flops_per_token(cfg, 1000, lm_head=True) - flops_per_token(cfg, 0) == attention_and_head
 
 
 # --- bad input: one clear line naming the path or field -------------------------------------------
