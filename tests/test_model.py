@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from model import (Llama, LlamaConfig, ModelError, RMSNorm, flops_per_token, generate, rope_frequencies,
                    save_pretrained)
@@ -284,7 +285,7 @@ def test_cached_chunks_without_a_mask_equal_the_full_forward():
 
 # --- loading: memory and dtype ---------------------------------------------------------------------
 
-class AllocatedBytes(torch.utils._python_dispatch.TorchDispatchMode):
+class AllocatedBytes(TorchDispatchMode):
     """Counts the bytes of every tensor an aten op returns, by dtype (views included: an upper bound)."""
 
     def __init__(self):
