@@ -5,15 +5,18 @@ then all together. Each row trains a circuit breaker (train_cb.py config/organis
 and evaluates it (eval.py, no forced-call pass), in subprocesses.
 
     python ablate.py                       # after organism.py; about 36 minutes on 2 CPU cores
-    python ablate.py --max_steps=60        # any train_cb.py setting, applied to every row
+    python ablate.py --max_steps=60        # a train_cb.py or eval.py setting: to each of them that has it
+    python ablate.py --device=cuda --dtype=bfloat16   # settings both have go to both
     python ablate.py --rows=1,2            # only these rows; the others are read back from out/ablate/N
-    python ablate.py --rows=               # no row run: the table of what out/ablate/ holds
+    python ablate.py --rows="()"           # no row run: the table of what out/ablate/ holds
 """
 
 import json
 import os
 import subprocess
 import sys
+
+from util import fail
 
 ORIGINAL = ["--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0"]
 ROWS = [  # (name, train_cb.py overrides)
@@ -26,13 +29,21 @@ ROWS = [  # (name, train_cb.py overrides)
     ("retain_injected=True (resisted injections held)", ["--retain_injected=True"]),
     ("the original recipe (all four, B=0)", ORIGINAL),
 ]
+
+# -----------------------------------------------------------------------------
+rows = tuple(range(len(ROWS)))  # the rows to run; the others are read back from out_root/N
 out_root = "out/ablate"
-rows = [a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--rows=")]
-rows = rows[0].split(",") if rows else [str(i) for i in range(len(ROWS))]
-if not all(i.isdigit() and int(i) < len(ROWS) for i in rows if i):
-    sys.exit(f"ablate.py: --rows: row numbers 0..{len(ROWS) - 1}, comma-separated; got {','.join(rows)}")
-rows = [int(i) for i in rows if i]
-extra = [a for a in sys.argv[1:] if a.startswith("--") and not a.startswith("--rows=")]
+_forward = ("train_cb.py", "eval.py")  # any other --key goes to each of these that has it
+exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+# -----------------------------------------------------------------------------
+
+if not all(type(i) is int and 0 <= i < len(ROWS) for i in rows):
+    fail(f"--rows={','.join(map(str, rows))}: row numbers 0..{len(ROWS) - 1}, comma-separated")
+if not out_root:
+    fail("--out_root: a directory is required")
+for arg in forward["train_cb.py"] + forward["eval.py"]:
+    if arg[2:].partition("=")[0] in ("out_dir", "out", "ckpt"):
+        fail(f"{arg}: ablate.py sets it for each row; pass --out_root=DIR")
 here = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -40,7 +51,8 @@ def run(cmd):
     print("$", " ".join(cmd), flush=True)
     p = subprocess.run([sys.executable, *cmd], cwd=here, capture_output=True, text=True)
     if p.returncode != 0:
-        sys.exit(f"ablate.py: {' '.join(cmd)} failed:\n{p.stderr.strip().splitlines()[-1] if p.stderr.strip() else p.stdout[-500:]}")
+        last = (p.stderr.strip() or p.stdout.strip() or "no output").splitlines()[-1]
+        fail(f"{' '.join(cmd)} failed: {last}")
 
 
 def pct(group, key):
@@ -50,10 +62,11 @@ def pct(group, key):
 
 table = []
 for i, (name, overrides) in enumerate(ROWS):
-    out_dir = os.path.join(out_root, str(i))
+    out_dir = os.path.join(os.path.abspath(out_root), str(i))  # the runs' cwd is this file's directory
     if i in rows:
-        run(["train_cb.py", "config/organism.py", f"--out_dir={out_dir}", *overrides, *extra])
-        run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--forced=False", f"--out={out_dir}/eval.json"])
+        run(["train_cb.py", "config/organism.py", *overrides, *forward["train_cb.py"], f"--out_dir={out_dir}"])
+        run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--forced=False", *forward["eval.py"],
+             f"--out={out_dir}/eval.json"])
     if not os.path.isfile(os.path.join(out_dir, "eval.json")):
         continue
     with open(os.path.join(out_dir, "eval.json")) as f:

@@ -8,9 +8,10 @@ and this code, executed in the script's own globals, applies the command line in
 The settings are the names assigned between the script's first two marker lines, nothing else (an imported
 constant is not one). A bare argument ending in .py is a config file that assigns some of them; the one other
 bare argument a script with `_positional` takes sets that setting. `--key=value` sets one, its value parsed
-with ast.literal_eval (a bare word stays a string); a bare `--key` of a bool setting means True. Any other
-argument, an unknown key or a value of the wrong type stops the script with one line. Afterwards `config`
-holds every setting by name.
+with ast.literal_eval (a bare word stays a string); a bare `--key` of a bool setting means True. A script that
+runs others declares them, `_forward = ("train_cb.py", "eval.py")`, and a `--key` of theirs goes as it is into
+`forward[script]` of each that has it. Any other argument, an unknown key or a value of the wrong type stops
+the script with one line. Afterwards `config` holds every setting by name.
 """
 
 
@@ -38,7 +39,7 @@ def _configure(g, argv):
                     for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
                         names += [n.id for n in ast.walk(target)
                                   if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)]
-        return [k for k in dict.fromkeys(names) if k in g and not k.startswith("_") and k != "config"]
+        return [k for k in dict.fromkeys(names) if not k.startswith("_") and k != "config"]
 
     def coerce(key, value, where):
         default = g[key]
@@ -54,11 +55,19 @@ def _configure(g, argv):
 
     if "__file__" not in g:
         fail("configurator.py reads the settings from the running script's file, and this one has no __file__")
-    keys = settings(g["__file__"])
+    keys = [k for k in settings(g["__file__"]) if k in g]
     positional, seen = g.get("_positional"), None
+    here = os.path.dirname(os.path.abspath(g["__file__"]))
+    others = {script: settings(os.path.join(here, script)) for script in g.get("_forward", ())}
+    forward = {script: [] for script in others}
     for arg in argv:
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
+            if key not in keys and any(key in k for k in others.values()):
+                for script in others:
+                    if key in others[script]:
+                        forward[script].append(arg)
+                continue
             if key not in keys:
                 fail(f"{arg}: unknown config key {key!r}")
             if not eq and not isinstance(g[key], bool):
@@ -92,6 +101,8 @@ def _configure(g, argv):
             fail(f"{arg}: not a config file (*.py) or --key=value, and {os.path.basename(g['__file__'])} "
                  f"takes no positional argument")
     g["config"] = {k: g[k] for k in keys}
+    if others:
+        g["forward"] = forward
 
 
 _configure(globals(), __import__("sys").argv[1:])

@@ -28,14 +28,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import ModelError, checkpoint_files, load_config
+from model import DTYPES, ModelError, checkpoint_files, load_config
 from util import atomic_dir, fail
 
 # -----------------------------------------------------------------------------
 ckpt = ""  # train_cb.py's ckpt.pt (required): the positional argument
 out = ""  # output directory (required)
 adapter = False  # write a PEFT LoRA adapter instead of merged weights
-dtype = "bfloat16"  # merged weights: 'bfloat16' | 'float32' | 'float16'
+dtype = "bfloat16"  # merged weights: a name of model.DTYPES ('bfloat16', 'float32', ...)
 shard_size = "5GB"  # merged weights: most bytes per safetensors file ('500MB', '2GiB', 1000000, ...)
 force = False  # replace an existing non-empty --out
 init_from = ""  # base HF dir; '' = the one the checkpoint was trained on
@@ -47,7 +47,6 @@ if __name__ == "__main__":  # imported (by a test), only the functions below
 # copied from the base when present; Llama's license asks that a derivative ship with its agreement
 HF_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "original", "LICENSE", "LICENSE.txt", "USE_POLICY.md")
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 def parse_size(s):
@@ -210,7 +209,7 @@ def write_adapter(tmp, base, ckpt, mods):
 # -----------------------------------------------------------------------------
 if __name__ == "__main__":
     if not ckpt:
-        fail("usage: python export.py CKPT.pt --out=DIR [--adapter] [--dtype=bfloat16|float32|float16] "
+        fail(f"usage: python export.py CKPT.pt --out=DIR [--adapter] [--dtype={'|'.join(DTYPES)}] "
              "[--shard_size=5GB] [--force] [--init_from=BASE_DIR]")
     if not out:
         fail("--out=DIR is required")

@@ -25,7 +25,7 @@ ckpt = ''
 exec(open(os.path.join(%(root)r, 'configurator.py')).read())
 # -----------------------------------------------------------------------------
 N_RANKS = 8  # below the block: not a setting
-print(repr(config))
+print(repr(dict(config, forward=forward) if "forward" in globals() else config))
 """
 
 
@@ -103,6 +103,18 @@ def test_a_second_positional_is_one_line_naming_both(tmp_path):
 def test_a_bare_argument_without_a_declared_positional_is_one_line(tmp_path):
     assert run(tmp_path, "out/ckpt.pt") == (1, "script.py: out/ckpt.pt: not a config file (*.py) or --key=value, "
                                                "and script.py takes no positional argument")
+
+
+def test_a_setting_of_a_script_run_after_goes_to_each_that_has_it(tmp_path):
+    (tmp_path / "train.py").write_text("# ---\nmax_steps = 1\ngrad_accum = 1\ndevice = 'cpu'\n# ---\n")
+    (tmp_path / "evaluate.py").write_text("# ---\nn_cases = 1\ndevice = 'cpu'\nforced = True\n# ---\n")
+    rc, cfg = run(tmp_path, "--grad_accum=2", "--max_steps=5", "--device=cuda", "--forced", "--n_cases=2",
+                  before_exec="_forward = ('train.py', 'evaluate.py')")
+    assert rc == 0 and cfg["max_steps"] == 5  # its own setting stays its own
+    assert cfg["forward"] == {"train.py": ["--grad_accum=2", "--device=cuda"],
+                              "evaluate.py": ["--device=cuda", "--forced", "--n_cases=2"]}
+    assert run(tmp_path, "--n_case=2", before_exec="_forward = ('train.py', 'evaluate.py')") == (
+        1, "script.py: --n_case=2: unknown config key 'n_case'")
 
 
 def test_every_script_of_the_repo_declares_its_settings_between_markers():

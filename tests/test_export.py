@@ -150,7 +150,7 @@ def test_impossible_settings_stop_with_one_line_before_anything_is_written(tmp_p
     cases = [([], "usage: python export.py CKPT.pt"),
              (["a.pt", "b.pt", out], "one ckpt at a time, got a.pt and b.pt"),
              (["a.pt"], "--out=DIR is required"),
-             (["a.pt", out, "--dtype=int8"], "--dtype=int8: choose among bfloat16, float32, float16"),
+             (["a.pt", out, "--dtype=int8"], "--dtype=int8: choose among float64, float32, bfloat16, float16"),
              (["a.pt", out, "--shard_size=0"], "--shard_size=0: expected a size of at least one byte"),
              (["a.pt", out, "--shard_size=-5GB"], "--shard_size=-5GB: expected a size"),
              (["a.pt", out, "--shard_size=0.5B"], "--shard_size=0.5B: expected a size"),
