@@ -93,7 +93,7 @@ def _configure(g, argv):
                 if key not in keys:
                     fail(f"{arg}: unknown config key {key!r}")
                 g[key] = coerce(key, value, arg)
-        elif isinstance(positional, str):
+        elif positional:
             if seen is not None:
                 fail(f"one {positional} at a time, got {seen} and {arg}")
             seen = g[positional] = arg
