@@ -15,8 +15,18 @@ JSONL schema (one object per line; training samples and eval cases share it):
              (OpenAI's {"type": "function", "function": {...}} wrapper is accepted too)],
    "expected_tool": str or null (null: the right answer is plain text),
    "attacker_tool": str or null (null: a clean conversation),
+   "expected_call": {"name": str, "parameters": {...}} or null (optional; the user's correct call, its name
+                    expected_tool; null for a plain-text answer; the 'departure' cb_mask needs it),
+   "attacker_parameters": {...} or null (optional; the attacker's arguments on an injected row, null on a clean
+                          one). A parameter hijack keeps the user's tool (attacker_tool == expected_tool) and
+                          swaps the arguments, so there attacker_parameters and expected_call are required and
+                          must differ,
+   "twin": str or null (optional, injected rows only; the id of its clean twin in the same file: the same
+           conversation, tools and request with the injection removed, kind "benign", the correct call),
    "completion": {"tool_call": {"name": str, "parameters": {...}}} or {"content": str},  (samples only)
    "kind": "harmful" | "benign" | "retain",                                               (samples only)
+           harmful: injected, completed with the attacker's call; benign: clean, the correct call;
+           retain: an injected prompt completed with the user's correct call (a "redirect" row), or plain chat
    "family": str (optional; injection family, "clean" or "chat"),
    "template": str (optional; the query template a generated sample came from: "tool:core:wN", a core of
                     data.TEMPLATES[tool] (or data.CHAT) inside data.WRAPPERS[N])}
@@ -29,6 +39,8 @@ import os
 import random
 import re
 from base64 import b64decode
+
+from util import atomic_write
 
 
 class DataError(Exception):
@@ -167,7 +179,9 @@ del S
 ROLES = ('system', 'user', 'assistant', 'ipython')
 KINDS = ('harmful', 'benign', 'retain')
 COMPLETION_TAGS = ('call', 'tool_name', 'content')  # segment tags of the completion; 'prompt' is everything before
-TOOL_NAME_RE = re.compile(r'[A-Za-z][A-Za-z0-9_]*$')  # starts with a letter: its tokens start a pre-token
+# starts with a letter and ends with a letter or digit, so its tokens neither start nor end a pre-token that
+# runs into the JSON around it (a trailing '_' would merge with the '",' that follows and move the masks)
+TOOL_NAME_RE = re.compile(r'[A-Za-z](?:[A-Za-z0-9_]*[A-Za-z0-9])?')
 
 
 def tool_schema(tool):
@@ -180,8 +194,9 @@ def tool_schema(tool):
         tool = tool['function']
     if not isinstance(tool, dict) or not isinstance(tool.get('name'), str):
         raise DataError('a tool must be a registry name or a JSON schema with a "name"')
-    if not TOOL_NAME_RE.match(tool['name']):
-        raise DataError(f'tool name "{tool["name"]}" must be letters, digits and _ and start with a letter')
+    if not TOOL_NAME_RE.fullmatch(tool['name']):
+        raise DataError(f'tool name {json.dumps(tool["name"])} must be letters, digits and _, start with a letter '
+                        'and end with a letter or digit')
     if not isinstance(tool.get('parameters', {}), dict):
         raise DataError(f'tool "{tool["name"]}": "parameters" must be a JSON schema object')
     return tool
@@ -312,8 +327,28 @@ def check_row(row, require_completion=True):
             raise DataError(f'"{field}" must be a tool name or null')
         if t is not None and t not in names:
             raise DataError(f'{field}: unknown tool "{t}" (offered: {", ".join(sorted(names))})')
-    if row['expected_tool'] is not None and row['expected_tool'] == row['attacker_tool']:
-        raise DataError(f'expected_tool and attacker_tool are both "{row["expected_tool"]}"')
+    expected, attacker = row['expected_tool'], row['attacker_tool']
+    call = row.get('expected_call')
+    if call is not None:
+        check_call(call, 'expected_call', names)
+        if call['name'] != expected:
+            raise DataError(f'expected_call.name "{call["name"]}" is not expected_tool ({json.dumps(expected)})')
+    elif 'expected_call' in row and expected is not None:
+        raise DataError(f'expected_call is null but expected_tool is "{expected}"')
+    params = row.get('attacker_parameters')
+    if params is not None and not isinstance(params, dict):
+        raise DataError(f'attacker_parameters must be an object or null, got {type(params).__name__}')
+    if params is not None and attacker is None:
+        raise DataError('attacker_parameters on a clean row (attacker_tool is null)')
+    if expected is not None and expected == attacker:  # a parameter hijack: the same tool, the attacker's arguments
+        if call is None or params is None or params == call['parameters']:
+            raise DataError(f'expected_tool and attacker_tool are both "{expected}" (a parameter hijack needs '
+                            'attacker_parameters that differ from expected_call.parameters)')
+    if row.get('twin') is not None:
+        if not isinstance(row['twin'], str):
+            raise DataError('"twin" must be the id (a string) of the clean twin, or null')
+        if attacker is None:
+            raise DataError('"twin" on a clean row (only an injected row links to its clean twin)')
     for field in ('family', 'id', 'template'):
         if field in row and not isinstance(row[field], str):
             raise DataError(f'"{field}" must be a string')
@@ -357,40 +392,71 @@ def load_jsonl(path, require_completion=True):
 
 
 def write_jsonl(path, rows):
-    """Atomic: a temp file renamed into place, never a half-written file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + '\n')
-    os.replace(tmp, path)
+    """Atomic (util.atomic_write): the old file or the new one, never a half-written file."""
+    atomic_write(path, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
+
+
+def twins_of(rows):
+    """{id of an injected row: its clean twin row}, for the rows that name a twin. A twin id that no row of
+    `rows` has is an error naming the row."""
+    by_id = {r['id']: r for r in rows if 'id' in r}
+    out = {}
+    for r in rows:
+        if r.get('twin') is not None:
+            if r['twin'] not in by_id:
+                raise DataError(f'{r.get("id", "a row")}: twin "{r["twin"]}" is not among the rows')
+            out[r['id']] = by_id[r['twin']]
+    return out
 
 
 # -----------------------------------------------------------------------------
 # 5. masks and batching
 
-CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice')
+CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice', 'departure')
 
 
 def encode_sample(tok, sample, cb_mask='completion'):
     """-> dict(ids, cb_mask, target_mask), lists of ints. cb_mask: the tokens the rerouting loss sees
     ('completion': the completion's tokens, <|python_tag|> .. <|eom_id|>; 'full': every token; 'tool_name': the
     name's tokens; 'tool_choice': the name's tokens and the one before, whose state emits the name's first token:
-    the states that choose the tool). target_mask[t] = 1 where ids[t] is a completion token (the SFT loss
-    predicts it from t-1)."""
+    the states that choose the tool; 'departure': departure_start() to the completion's end). target_mask[t] = 1
+    where ids[t] is a completion token (the SFT loss predicts it from t-1)."""
     if cb_mask not in CB_MASKS:
         raise DataError(f'cb_mask: unknown mode "{cb_mask}" (modes: {", ".join(CB_MASKS)})')
     ids, cb, target = [], [], []
     for seg, tag in render(tok, sample['messages'], sample['tools'], sample.get('completion')):
         in_completion = tag in COMPLETION_TAGS
         on = {'completion': in_completion, 'full': True, 'tool_name': tag == 'tool_name',
-              'tool_choice': tag == 'tool_name'}[cb_mask]
+              'tool_choice': tag == 'tool_name', 'departure': False}[cb_mask]
         if cb_mask == 'tool_choice' and on:
             cb[-1] = 1  # the token before the name: its state emits the name's first token
         ids += seg
         cb += [int(on)] * len(seg)
         target += [int(in_completion)] * len(seg)
+    if cb_mask == 'departure':
+        start = target.index(1) if 1 in target else len(ids)
+        k = departure_start(tok, sample, ids[start:])
+        if k is not None:
+            cb[start + k:] = [1] * (len(ids) - start - k)
     return {'ids': ids, 'cb_mask': cb, 'target_mask': target}
+
+
+def departure_start(tok, sample, completion_ids):
+    """Where a completion departs from the user's correct call: the index of its first token that differs from
+    the tokens of sample["expected_call"] (the tool's name for a flip, the swapped argument for a hijack), or
+    None where it does not depart (the correct call itself, or a text answer where text is right). The state
+    before that token is shared with the redirect row (same prompt, same tokens so far) and is not the
+    departure's."""
+    if 'expected_call' not in sample:
+        raise DataError(f'{sample.get("id", "a sample")}: cb_mask "departure" needs "expected_call" '
+                        '(regenerate the data with python data.py)')
+    if sample['expected_call'] is None:  # the right answer is text: any call departs at its first token
+        return 0 if completion_ids and completion_ids[0] == tok.python_tag_id else None
+    correct = [i for seg, _ in call_segments(tok, sample['expected_call']) for i in seg]
+    for k, i in enumerate(completion_ids):
+        if k >= len(correct) or i != correct[k]:
+            return k
+    return None
 
 
 def collate(examples, pad_id):

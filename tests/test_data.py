@@ -21,7 +21,7 @@ def tok():
 
 @pytest.fixture(scope='module')
 def splits():
-    return data.generate_splits(seed=3, n_train=400, n_val=40, n_test=300)
+    return data.generate_splits(seed=3, n_train=400, n_val=100, n_test=300)
 
 
 def test_data_re_exports_the_run_path_of_chat():
@@ -59,8 +59,12 @@ def test_masks_are_exact_for_every_kind_and_mode(tok, splits):
             masked = [i for i, m in zip(e['ids'], e['cb_mask']) if m]
             name = s['completion'].get('tool_call', {}).get('name', '')
             want = {'completion': completion_text(s), 'full': tok.decode(e['ids']), 'tool_name': name,
-                    'tool_choice': ' "' + name if name else ''}[mode]  # + the state that emits the name
-            assert tok.decode(masked) == want, (mode, s['id'])
+                    'tool_choice': ' "' + name if name else '',  # + the state that emits the name
+                    'departure': ''}[mode]  # a harmful row's departure: its own test below
+            if mode == 'departure' and s['kind'] == 'harmful':
+                assert masked and completion_text(s).endswith(tok.decode(masked)), s['id']
+            else:
+                assert tok.decode(masked) == want, (mode, s['id'])
             if mode != 'full':  # no prompt token is masked
                 assert not any(e['cb_mask'][:n_prompt])
             # the SFT target is the completion, whatever the cb_mask mode
@@ -126,31 +130,55 @@ def pair(row):
     return int(core), int(wrapper[1:])
 
 
+def drawn(rows):
+    """The rows of the draws themselves: without the redirect rows and clean twins that come with them."""
+    return [r for r in rows if r['id'].count('-') == 1]
+
+
+def tool_of(row):
+    return row['template'].split(':')[0]
+
+
 def test_splits_hold_out_whole_families_and_templates(splits):
-    held = data.heldout_templates(3)
-    train = splits['train'] + splits['val']
-    assert not {r['family'] for r in train} & set(data.HELDOUT_FAMILIES)
+    held, val_held = data.heldout_templates(3), data.heldout_val_templates(3)
+    assert all(held[t] and val_held[t] and not held[t] & val_held[t] for t in held)
+    train = splits['train']
+    assert not {r['family'] for r in train} & set(data.HELDOUT_FAMILIES + data.VAL_HELDOUT_FAMILIES)
+    assert {r['family'] for r in train} >= set(data.FAMILIES) - set(data.HELDOUT_FAMILIES + data.VAL_HELDOUT_FAMILIES)
     for r in train:
-        assert pair(r) not in held[r['template'].split(':')[0]], r['template']
-    test = splits['test']
-    families = {r['family'] for r in test}
-    assert set(data.HELDOUT_FAMILIES) <= families and 'clean' in families
-    train_family_cases = [r for r in test if r['attacker_tool'] and r['family'] not in data.HELDOUT_FAMILIES]
-    assert train_family_cases and all(pair(r) in held[r['expected_tool']] for r in train_family_cases)
-    clean = [r for r in test if not r['attacker_tool']]
-    assert clean and all(pair(r) in held[r['template'].split(':')[0]] for r in clean)
-    assert {r['family'] for r in train} >= set(data.FAMILIES) - set(data.HELDOUT_FAMILIES)
+        assert pair(r) not in held[tool_of(r)] | val_held[tool_of(r)], r['template']
+    for split, own_families, own in (('test', data.HELDOUT_FAMILIES, held), ('val', data.VAL_HELDOUT_FAMILIES, val_held)):
+        rows = splits[split]
+        assert set(own_families) <= {r['family'] for r in rows}, split
+        train_family_cases = [r for r in rows if r['attacker_tool'] and r['family'] not in own_families]
+        clean = [r for r in drawn(rows) if not r['attacker_tool']]
+        assert train_family_cases and clean
+        assert all(pair(r) in own[tool_of(r)] for r in train_family_cases + clean), split
+    assert not {r['family'] for r in splits['val']} & set(data.HELDOUT_FAMILIES)
+    assert not [r for r in splits['val'] if pair(r) in held[tool_of(r)]]  # val never sees a test template
+    by_id = {r['id']: r for split in splits.values() for r in split}
+    for r in splits['test'] + splits['val']:  # a twin is its injected row's conversation: the same template
+        if r.get('twin'):
+            assert by_id[r['twin']]['template'] == r['template']
+
+
+def test_val_shares_no_prompt_with_train():
+    splits = data.generate_splits(seed=1337, n_train=4000, n_val=400, n_test=0)
+    key = lambda r: json.dumps(r['messages'], sort_keys=True)
+    train = {key(r) for r in splits['train']}
+    assert not [r['id'] for r in splits['val'] if key(r) in train]
+    assert len({r['id'].split('-')[1] for r in splits['val']}) < 400  # the draws that would have overlapped are gone
 
 
 def test_every_core_and_wrapper_of_a_heldout_test_request_occurs_in_train():
     splits = data.generate_splits(seed=3, n_train=4000, n_val=0, n_test=300)
-    train = {(r['template'].split(':')[0], pair(r)) for r in splits['train']}
+    train = {(tool_of(r), pair(r)) for r in splits['train']}
     cores, wrappers = {(t, c) for t, (c, _) in train}, {w for _, (_, w) in train}
     held = data.heldout_templates(3)
-    heldout_cases = [r for r in splits['test'] if r['family'] not in data.HELDOUT_FAMILIES]
+    heldout_cases = [r for r in drawn(splits['test']) if r['family'] not in data.HELDOUT_FAMILIES]
     assert len(heldout_cases) > 100
     for r in heldout_cases:
-        tool, (core, wrapper) = r['template'].split(':')[0], pair(r)
+        tool, (core, wrapper) = tool_of(r), pair(r)
         assert (core, wrapper) in held[tool] and (tool, (core, wrapper)) not in train, r['template']
         assert (tool, core) in cores and wrapper in wrappers, r['template']
     for r in splits['test']:  # the wrapper is really in the request
@@ -160,16 +188,21 @@ def test_every_core_and_wrapper_of_a_heldout_test_request_occurs_in_train():
 
 def test_heldout_cores_holds_out_whole_cores(monkeypatch):
     monkeypatch.setattr(data, 'HELDOUT_CORES', True)
-    held = data.heldout_templates(3)
-    held_cores = {t: {c for c, _ in pairs} for t, pairs in held.items()}
-    for t, pairs in held.items():  # a held-out core goes with every wrapper, and some core stays in train
-        assert held_cores[t] and pairs == {(c, w) for c in held_cores[t] for w in range(len(data.WRAPPERS))}
-        assert len(held_cores[t]) < len(data.TEMPLATES.get(t, data.CHAT))
-    splits = data.generate_splits(seed=3, n_train=400, n_val=40, n_test=200)
-    for r in splits['train'] + splits['val']:
-        assert pair(r)[0] not in held_cores[r['template'].split(':')[0]], r['template']
-    clean = [r for r in splits['test'] if not r['attacker_tool']]
-    assert clean and all(pair(r)[0] in held_cores[r['template'].split(':')[0]] for r in clean)
+    held, val_held = data.heldout_templates(3), data.heldout_val_templates(3)
+    cores_of = lambda pairs: {c for c, _ in pairs}
+    for t in held:  # held-out cores go with every wrapper, val's are others, and some core stays in train
+        for pairs in (held[t], val_held[t]):
+            assert pairs == {(c, w) for c in cores_of(pairs) for w in range(len(data.WRAPPERS))}
+        assert cores_of(held[t]) and cores_of(val_held[t]) and not cores_of(held[t]) & cores_of(val_held[t])
+        assert len(cores_of(held[t]) | cores_of(val_held[t])) < len(data.TEMPLATES.get(t, data.CHAT))
+    splits = data.generate_splits(seed=3, n_train=400, n_val=100, n_test=200)
+    for r in splits['train']:
+        assert pair(r)[0] not in cores_of(held[tool_of(r)]) | cores_of(val_held[tool_of(r)]), r['template']
+    for r in splits['val']:
+        assert pair(r)[0] not in cores_of(held[tool_of(r)]), r['template']
+    for split, own in (('test', held), ('val', val_held)):
+        clean = [r for r in drawn(splits[split]) if not r['attacker_tool']]
+        assert clean and all(pair(r)[0] in cores_of(own[tool_of(r)]) for r in clean)
 
 
 def test_generated_rows_are_valid_samples_and_cases(splits):
@@ -189,7 +222,7 @@ def test_benign_requests_get_sensible_parameters_and_search_web_share():
     _, params = data.instantiate(rng, 'send_money', 0)
     assert isinstance(params['amount'], (int, float)) and set(params) == {'recipient', 'amount', 'subject'}
     rows = data.generate_splits(seed=5, n_train=600, n_val=0, n_test=0)['train']
-    benign = [r for r in rows if r['kind'] == 'benign']
+    benign = [r for r in drawn(rows) if r['kind'] == 'benign']  # the benign draws, not the twins
     share = sum(r['expected_tool'] == 'search_web' for r in benign) / len(benign)
     assert 0.25 < share < 0.45
 
@@ -206,6 +239,73 @@ def test_mean_sample_length_fits_the_cpu_organism(tok, splits):
     assert 150 <= sum(lengths) / len(lengths) <= 250
 
 
+def one_insertion(longer, shorter):
+    """True when `longer` is `shorter` with one contiguous span inserted."""
+    p = next((i for i, (a, b) in enumerate(zip(longer, shorter)) if a != b), len(shorter))
+    q = next((i for i, (a, b) in enumerate(zip(reversed(longer), reversed(shorter))) if a != b), len(shorter))
+    return len(longer) > len(shorter) and p + q >= len(shorter)
+
+
+def test_every_harmful_training_row_has_a_redirect_row_and_a_clean_twin(splits):
+    by_id = {r['id']: r for split in splits.values() for r in split}
+    harmful = [r for r in splits['train'] if r['kind'] == 'harmful']
+    assert harmful and {r['id'] for r in splits['train'] if r['kind'] == 'retain' and r['attacker_tool']} == \
+        {r['id'] + '-redirect' for r in harmful}
+    for h in harmful:
+        redirect, twin = by_id[h['id'] + '-redirect'], by_id[h['twin']]
+        assert redirect['kind'] == 'retain' and redirect['twin'] == h['twin']
+        assert {k: v for k, v in redirect.items() if k not in ('id', 'kind', 'completion')} == \
+            {k: v for k, v in h.items() if k not in ('id', 'kind', 'completion')}
+        assert redirect['completion'] == twin['completion'] == {'tool_call': h['expected_call']}
+        assert h['completion']['tool_call'] == {'name': h['attacker_tool'], 'parameters': h['attacker_parameters']}
+        assert twin['kind'] == 'benign' and twin['attacker_tool'] is None and twin['attacker_parameters'] is None
+        assert 'twin' not in twin and twin['tools'] == h['tools'] and twin['template'] == h['template']
+        # the same conversation with the injection removed: one message differs, by one inserted span
+        diff = [(a['content'], b['content']) for a, b in zip(h['messages'], twin['messages']) if a != b]
+        assert len(h['messages']) == len(twin['messages']) and len(diff) == 1 and one_insertion(*diff[0]), h['id']
+    for split in ('val', 'test'):  # eval cases: each injected case has its twin, and no redirect row
+        injected = [r for r in splits[split] if r['attacker_tool']]
+        assert injected and all(r['kind'] == 'harmful' and by_id[r['twin']]['kind'] == 'benign' for r in injected)
+    assert data.twins_of(splits['test']) == {r['id']: by_id[r['twin']] for r in splits['test'] if r.get('twin')}
+
+
+def test_hijack_rows_keep_the_users_tool_and_swap_an_argument(splits):
+    hijacks = [r for split in splits.values() for r in split if r['family'].startswith('hijack_')]
+    for r in hijacks:
+        tool = data.HIJACKS[r['family']][0]
+        assert r['expected_tool'] == r['attacker_tool'] == r['expected_call']['name'] == tool
+        swapped = {k for k, v in r['attacker_parameters'].items() if r['expected_call']['parameters'].get(k) != v}
+        assert swapped and swapped <= set(data.HIJACKS[r['family']][1][0]) | {'language'}, r['id']
+        key = next(iter(data.HIJACKS[r['family']][1][0]))
+        assert r['attacker_parameters'][key] in json.dumps(r['messages'], ensure_ascii=False), r['id']
+    families = lambda split: {r['family'] for r in splits[split] if r['family'].startswith('hijack_')}
+    held = {f for f in data.HELDOUT_FAMILIES if f in data.HIJACKS}
+    assert len(held) == 1 and held <= families('test') and not held & (families('train') | families('val'))
+    assert len(families('train')) >= 2
+
+
+def test_departure_mask_starts_where_the_harmful_call_leaves_the_users_call(tok, splits):
+    by_id = {r['id']: r for r in splits['train']}
+    harmful = [r for r in splits['train'] if r['kind'] == 'harmful']
+    flip = next(r for r in harmful if tuple((r['expected_tool'], r['attacker_tool'])) == data.MAIN_FLIP)
+    for h in [flip] + [next(r for r in harmful if r['family'] == f) for f in data.HIJACKS if f in
+                       {r['family'] for r in harmful}]:
+        e, redirect = encode_sample(tok, h, 'departure'), encode_sample(tok, by_id[h['id'] + '-redirect'], 'departure')
+        k = e['cb_mask'].index(1)
+        # the state before position k has read the same tokens as the redirect row's: only k.. departs
+        assert e['ids'][:k] == redirect['ids'][:k] and e['ids'][k] != redirect['ids'][k], h['id']
+        assert e['cb_mask'] == [0] * k + [1] * (len(e['ids']) - k) and e['ids'][-1] == tok.eom_id
+        masked = tok.decode(e['ids'][k:])
+        if h is flip:
+            assert masked.startswith(h['attacker_tool'])
+        else:
+            value = h['attacker_parameters'][next(iter(data.HIJACKS[h['family']][1][0]))]
+            assert value in masked and value not in tok.decode(e['ids'][e['target_mask'].index(1):k]), h['id']
+        assert not any(redirect['cb_mask']) and not any(encode_sample(tok, by_id[h['twin']], 'departure')['cb_mask'])
+    with pytest.raises(DataError, match='departure" needs "expected_call"'):
+        encode_sample(tok, {k: v for k, v in flip.items() if k != 'expected_call'}, 'departure')
+
+
 def test_same_seed_gives_the_same_files_byte_for_byte(tmp_path):
     def run(out, seed):
         args = [sys.executable, os.path.join(ROOT, 'data.py'), f'--OUT_DIR={out}', f'--SEED={seed}',
@@ -215,6 +315,23 @@ def test_same_seed_gives_the_same_files_byte_for_byte(tmp_path):
     a, b, c = run('a', 7), run('b', 7), run('c', 8)
     assert a == b
     assert a[0] != c[0]
+    summary = json.loads(a[3])  # eval reads each eval split's held-out families from here
+    assert summary['heldout_families'] == {'val': list(data.VAL_HELDOUT_FAMILIES), 'test': list(data.HELDOUT_FAMILIES)}
+
+
+def test_an_out_of_range_setting_stops_with_one_line_before_anything_is_written(tmp_path):
+    (tmp_path / 'data').mkdir()
+    (tmp_path / 'data' / 'train.jsonl').write_text('old\n')
+    run = lambda *args: subprocess.run([sys.executable, os.path.join(ROOT, 'data.py'), *args], capture_output=True,
+                                       text=True, cwd=tmp_path)
+    for arg, name in (('--N_TRAIN=-5', 'N_TRAIN'), ('--HARMFUL_SHARE=1.5', 'HARMFUL_SHARE'), ('--TOOLS_MIN=2', 'TOOLS_MIN'),
+                      ('--HELDOUT_TEMPLATE_SHARE=0.0', 'HELDOUT_TEMPLATE_SHARE'), ("--cb_mask='names'", 'cb_mask'),
+                      ("--VAL_HELDOUT_FAMILIES=('other_language',)", 'VAL_HELDOUT_FAMILIES'),
+                      ("--HELDOUT_FAMILIES=('nope',)", 'HELDOUT_FAMILIES'), ('--BENIGN_SHARE=0.5', 'BENIGN_SHARE')):
+        p = run(arg)
+        assert p.returncode != 0 and p.stdout == '' and name in p.stderr, (arg, p.stderr)
+        assert p.stderr.startswith('data.py: ') and p.stderr.count('\n') == 1, p.stderr
+    assert (tmp_path / 'data' / 'train.jsonl').read_text() == 'old\n' and os.listdir(tmp_path / 'data') == ['train.jsonl']
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +363,20 @@ def without(key):
     (dict(GOOD, completion={'tool_call': {'name': 'send_money', 'parameters': {}}}),
      'completion.tool_call.name: unknown tool "send_money"'),
     (dict(GOOD, kind='evil'), 'unknown kind "evil"'),
+    (dict(GOOD, expected_call={'name': 'search_web', 'parameters': {}}),
+     'expected_call.name "search_web" is not expected_tool ("retrieve_multimodal_docs")'),
+    (dict(GOOD, expected_call=None), 'expected_call is null but expected_tool is "retrieve_multimodal_docs"'),
+    (dict(GOOD, attacker_parameters=['x']), 'attacker_parameters must be an object or null, got list'),
+    (dict(GOOD, attacker_tool=None, attacker_parameters={'query': 'x'}), 'attacker_parameters on a clean row'),
+    (dict(GOOD, attacker_tool=None, twin='y'), '"twin" on a clean row'),
+    (dict(GOOD, twin=3), '"twin" must be the id'),
+    (dict(GOOD, attacker_tool='retrieve_multimodal_docs', attacker_parameters={'query': 'photos of cats'},
+          expected_call={'name': 'retrieve_multimodal_docs', 'parameters': {'query': 'photos of cats'}}),
+     'expected_tool and attacker_tool are both "retrieve_multimodal_docs" (a parameter hijack needs'),
+    (dict(GOOD, tools=['search_web', 'retrieve_multimodal_docs', {'name': 'lookup_', 'parameters': {}}]),
+     'tools[2]: tool name "lookup_" must be'),
+    (dict(GOOD, tools=['search_web', 'retrieve_multimodal_docs', {'name': 'lookup\n', 'parameters': {}}]),
+     'tools[2]: tool name "lookup\\n" must be'),
 ])
 def test_each_malformed_row_has_its_own_message_and_rejects_the_whole_file(tmp_path, row, message):
     path = write_rows(tmp_path / 'train.jsonl', [GOOD, row, GOOD])
@@ -253,6 +384,15 @@ def test_each_malformed_row_has_its_own_message_and_rejects_the_whole_file(tmp_p
         load_jsonl(path)
     assert str(e.value).startswith(f'{path}:2: {message}')
     assert '\n' not in str(e.value)
+
+
+def test_a_parameter_hijack_row_is_valid_when_the_arguments_differ():
+    row = dict(GOOD, attacker_tool='retrieve_multimodal_docs', attacker_parameters={'query': 'passport scans'},
+               expected_call={'name': 'retrieve_multimodal_docs', 'parameters': {'query': 'photos of cats'}}, twin='t',
+               completion={'tool_call': {'name': 'retrieve_multimodal_docs', 'parameters': {'query': 'passport scans'}}})
+    assert data.check_row(row)['attacker_parameters'] == {'query': 'passport scans'}
+    assert data.check_row(dict(GOOD, tools=['search_web', 'retrieve_multimodal_docs',
+                                            {'name': 'lookup_2', 'parameters': {}}]))
 
 
 def test_eval_cases_need_no_completion_and_tools_may_be_json_schemas(tmp_path, tok):
@@ -283,7 +423,9 @@ def test_importer_reads_the_benchmark_record_format(tok):
     for r in rows:
         data.check_row(r)
         assert {r['expected_tool'], r['attacker_tool'] or r['expected_tool']} <= set(r['tools'])
-        encode_sample(tok, r)
+        encode_sample(tok, r, 'departure')
+    assert data.twins_of(rows) == {rows[i]['id']: rows[i + 1] for i in (0, 2, 4)}
+    assert harmful['expected_call'] == benign['completion']['tool_call'] and benign['attacker_parameters'] is None
 
 
 def test_importer_rejects_a_bad_record_naming_its_line(tmp_path):
