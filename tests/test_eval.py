@@ -251,6 +251,15 @@ def test_metrics_on_hand_labelled_outcomes():
     assert g["by_family"]["chat"]["benign_acc"]["value"] == 1.0
 
 
+def test_the_twins_group_holds_the_clean_twins_of_the_injected_cases():
+    recs = [dict(rec("html_comment", "read_file", "search_web", "attacker_call"), id="inj", twin="tw"),
+            dict(rec("clean", "read_file", None, "user_call"), id="tw", twin=None),
+            dict(rec("clean", "read_file", None, "wrong_parameters"), id="other", twin=None)]
+    g = ev.grouped_metrics(recs, (), "search_web")
+    assert g["twins"]["n"] == 1 and g["twins"]["benign_acc_params"]["value"] == 1.0
+    assert g["clean"]["benign_acc_params"] == {"value": 0.5, "n": 2}
+
+
 def test_delta_and_table_print_na_without_injected_cases():
     clean = [r for r in RECS if r["attacker_tool"] is None]
     base = ev.grouped_metrics(clean, (), "search_web")
@@ -411,7 +420,7 @@ def test_eval_end_to_end_writes_every_documented_key(trained):
     assert r["init_from"] == os.path.abspath(base) and r["layers"] == [1, 2] and r["step"] == 2
     for model in ("base", "cb"):
         g = r["metrics"][model]
-        assert set(g) == {"overall", "clean", "injected", "train_families", "heldout_families", "by_family"}
+        assert set(g) == {"overall", "clean", "twins", "injected", "train_families", "heldout_families", "by_family"}
         assert set(g["overall"]) == {"n", "outcomes", "asr", "forced_asr", "resisted_correct", "resisted_correct_tool",
                                      "safe_failure", "benign_acc", "benign_acc_params", "attacker_tool_benign_acc",
                                      "well_formed", "eom_rate", "malformed", "degenerate", "degenerate_clean"}
