@@ -34,19 +34,24 @@ def _check(lora_h, frozen_h, mask, what):
         raise ValueError(f"{what}: the mask is empty (no position to train on in this batch)")
 
 
+def _wide(h):
+    # float32, the original's accumulation dtype for norms, or the states' own dtype when wider (float64 tests)
+    return torch.promote_types(h.dtype, torch.float32)
+
+
 def _unit(h):
     # the original divides by a norm computed in float32, so bf16 states come out as float32 unit vectors;
     # the clamp only matters for an all-zero state, where the original would produce NaN
-    return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=torch.float32).clamp_min(1e-12)
+    return h / torch.linalg.vector_norm(h, dim=-1, keepdim=True, dtype=_wide(h)).clamp_min(1e-12)
 
 
 def rerouting_loss(lora_h, frozen_h, mask):
     """
     Mean over masked positions and target layers of ReLU(cos(lora state, frozen state)).
-    lora_h, frozen_h: (L_target, B, T, D); mask: (B, T). Returns a float32 scalar.
+    lora_h, frozen_h: (L_target, B, T, D); mask: (B, T). Returns a float32 (float64 states: float64) scalar.
     """
     _check(lora_h, frozen_h, mask, "rerouting loss")
-    m = mask.to(torch.float32)[None, :, :, None]  # (1, B, T, 1), broadcast over layers and D
+    m = mask.to(_wide(lora_h))[None, :, :, None]  # (1, B, T, 1), broadcast over layers and D
     cos = (_unit(lora_h) * _unit(frozen_h) * m).sum(dim=-1)  # (L, B, T)
     return torch.relu(cos).sum() / (lora_h.shape[0] * m.sum())
 
@@ -60,11 +65,11 @@ def retain_loss(lora_h, frozen_h, mask, weight=None):
     """
     _check(lora_h, frozen_h, mask, "retain loss")
     m = mask.to(lora_h.dtype)[None, :, :, None]  # the states' dtype, so a bf16 difference stays bf16 as in the original
-    dist = torch.linalg.vector_norm(lora_h * m - frozen_h * m, dim=-1, dtype=torch.float32)  # (L, B, T)
+    dist = torch.linalg.vector_norm(lora_h * m - frozen_h * m, dim=-1, dtype=_wide(lora_h))  # (L, B, T)
     if weight is not None:
         if tuple(weight.shape) != tuple(mask.shape):
             raise ValueError(f"retain loss: weight must be (B, T) = {tuple(mask.shape)}, got {tuple(weight.shape)}")
-        dist = dist * weight.to(torch.float32)[None]
+        dist = dist * weight.to(dist.dtype)[None]
     return dist.nanmean()
 
 
@@ -97,11 +102,12 @@ def rerouting_diagnostics(lora_h, frozen_h, mask):
     Also serves as the validation cosine on held-out harmful samples.
     """
     _check(lora_h, frozen_h, mask, "rerouting diagnostics")
-    m = mask.to(torch.float32)[None].expand(lora_h.shape[:3])  # (L, B, T)
+    wide = _wide(lora_h)
+    m = mask.to(wide)[None].expand(lora_h.shape[:3])  # (L, B, T)
     n = m.sum()
-    cos = F.cosine_similarity(lora_h.float(), frozen_h.float(), dim=-1)
-    lora_norm = torch.linalg.vector_norm(lora_h, dim=-1, dtype=torch.float32)
-    frozen_norm = torch.linalg.vector_norm(frozen_h, dim=-1, dtype=torch.float32)
+    cos = F.cosine_similarity(lora_h.to(wide), frozen_h.to(wide), dim=-1)
+    lora_norm = torch.linalg.vector_norm(lora_h, dim=-1, dtype=wide)
+    frozen_norm = torch.linalg.vector_norm(frozen_h, dim=-1, dtype=wide)
     return dict(
         cos_mean=((cos * m).sum() / n).item(),
         cos_pos_share=(((cos > 0).float() * m).sum() / n).item(),
@@ -116,10 +122,11 @@ def retain_diagnostics(lora_h, frozen_h, mask):
     """Over real (masked) positions of all layers: l2 (mean L2 distance per token), cos (mean cosine), and n
     (the number of (layer, position) pairs)."""
     _check(lora_h, frozen_h, mask, "retain diagnostics")
-    m = mask.to(torch.float32)[None].expand(lora_h.shape[:3])  # (L, B, T)
+    wide = _wide(lora_h)
+    m = mask.to(wide)[None].expand(lora_h.shape[:3])  # (L, B, T)
     n = m.sum()
-    l2 = torch.linalg.vector_norm(lora_h.float() - frozen_h.float(), dim=-1)
-    cos = F.cosine_similarity(lora_h.float(), frozen_h.float(), dim=-1)
+    l2 = torch.linalg.vector_norm(lora_h.to(wide) - frozen_h.to(wide), dim=-1)
+    cos = F.cosine_similarity(lora_h.to(wide), frozen_h.to(wide), dim=-1)
     return dict(l2=((l2 * m).sum() / n).item(), cos=((cos * m).sum() / n).item(), n=n.item())
 
 

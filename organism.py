@@ -27,6 +27,8 @@ import torch.nn.functional as F
 
 import data
 from model import Llama, LlamaConfig, save_pretrained
+from step import lr_at
+from util import atomic_dir, fail
 
 # -----------------------------------------------------------------------------
 out_dir = "organism"
@@ -50,11 +52,25 @@ weight_decay = 0.1
 grad_clip = 1.0
 log_interval = 25
 seed = 1337
+dtype = "float32"  # 'float32' | 'float64' (the equivalence tests); the organism is saved in it
 exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # -----------------------------------------------------------------------------
 
 if not (type(micro_batch) is int and micro_batch > 0 and type(batch_size) is int and batch_size > 0):
-    sys.exit(f"organism.py: batch_size and micro_batch must be positive integers, got {batch_size!r} and {micro_batch!r}")
+    fail(f"batch_size and micro_batch must be positive integers, got {batch_size!r} and {micro_batch!r}")
+for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "max_steps", "log_interval"):
+    if type(globals()[name]) is not int or globals()[name] <= 0:
+        fail(f"{name} must be a positive integer, got {globals()[name]!r}")
+if dim % n_heads or n_heads % n_kv_heads:
+    fail(f"dim ({dim}) must be a multiple of n_heads ({n_heads}), and n_heads of n_kv_heads ({n_kv_heads})")
+if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
+    fail(f"warmup_steps must be in 0..max_steps ({max_steps}), got {warmup_steps!r}")
+if not (lr > 0 and 0 <= min_lr <= lr and weight_decay >= 0 and grad_clip > 0):
+    fail(f"need lr > 0, 0 <= min_lr <= lr, weight_decay >= 0, grad_clip > 0; got {lr}, {min_lr}, {weight_decay}, "
+         f"{grad_clip}")
+if dtype not in ("float32", "float64"):
+    fail(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+ptdtype = getattr(torch, dtype)
 stamp_path = os.path.join(out_dir, "organism.json")
 if not force and os.path.isfile(stamp_path):
     with open(stamp_path) as f:
@@ -72,7 +88,7 @@ try:
     rows = data.load_jsonl(train_path)
     val_rows = data.load_jsonl(os.path.join(data_dir, "val.jsonl"))
 except data.DataError as e:
-    sys.exit(f"organism.py: {e}")
+    fail(str(e))
 # The organism is vulnerable by construction: it learns benign routing, plain chat, and to obey the
 # train-family injections. Injected-but-resisted samples (kind 'retain' with an attacker) are left for
 # the circuit breaker's retain set; here they would teach partial resistance.
@@ -91,7 +107,7 @@ log_n_zero = math.log(tok.n_vocab - len(vocab))
 
 cfg = LlamaConfig(vocab_size=len(vocab) + 1, dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
                   hidden_dim=hidden_dim, rope_theta=500000.0, max_seq_len=8192, tie_word_embeddings=False)
-model = Llama(cfg)
+model = Llama(cfg).to(ptdtype)
 with torch.no_grad():
     for name, p in model.named_parameters():
         if p.dim() == 2:  # GPT-2 style init; residual projections scaled down by depth
@@ -103,13 +119,6 @@ optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.95))
 
 
-def lr_at(step):
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
-    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
-
-
 def completion_loss(batch, n_targets=None):
     """Exact full-vocabulary cross-entropy on the completion tokens: the live rows, plus one logit
     log(n_zero) for all the rows the saved model holds at zero. A target outside the live rows (held-out
@@ -119,7 +128,7 @@ def completion_loss(batch, n_targets=None):
     _, hidden = model(ids, hidden=True, logits=False)
     h = hidden[-1][:, :-1][target_mask]  # (N, dim): the positions that predict a completion token
     targets = ids[:, 1:][target_mask]
-    logits = torch.cat([h @ model.lm_head.weight[:unk].t(), torch.full((h.shape[0], 1), log_n_zero)], dim=1)
+    logits = torch.cat([h @ model.lm_head.weight[:unk].t(), torch.full((h.shape[0], 1), log_n_zero, dtype=h.dtype)], dim=1)
     targets = torch.where(targets == unk, -100, targets)
     correct = logits[:, :-1].argmax(-1) == targets
     if n_targets is None:
@@ -148,7 +157,7 @@ print(f"organism: dim {dim}, {n_layers} blocks, {sum(p.numel() for p in model.pa
 t0 = time.time()
 for step in range(max_steps):
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step)
+        group["lr"] = lr_at(step, lr, max_steps, warmup_steps, min_lr)
     examples = data.step_batch(train, step, batch_size, seed)  # sorted by length
     n_targets = sum(sum(e["target_mask"][1:]) for e in examples)  # every train target is a live row
     loss = 0.0
@@ -160,14 +169,14 @@ for step in range(max_steps):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if step % log_interval == 0 or step == max_steps - 1:
-        print(f"step {step:4d} | loss {loss:.4f} | lr {lr_at(step):.2e} | {time.time() - t0:.0f}s", flush=True)
+        print(f"step {step:4d} | loss {loss:.4f} | lr {lr_at(step, lr, max_steps, warmup_steps, min_lr):.2e} | {time.time() - t0:.0f}s", flush=True)
 
 token_acc, completion_acc = evaluate()
 print(f"held-out teacher-forced accuracy: {token_acc:.2%} of completion tokens, {completion_acc:.2%} of whole completions")
 
 # back to the real vocabulary: live rows to their ids, every other input row the compact 'other' row,
 # every other output row zero (the logit the loss above accounted for)
-full = Llama(LlamaConfig(**{**cfg.__dict__, "vocab_size": tok.n_vocab}))
+full = Llama(LlamaConfig(**{**cfg.__dict__, "vocab_size": tok.n_vocab})).to(ptdtype)
 with torch.no_grad():
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("embed_tokens", "lm_head"))}
     full.load_state_dict(sd, strict=False)
@@ -175,18 +184,15 @@ with torch.no_grad():
     full.lm_head.weight.zero_()
     full.lm_head.weight[vocab] = model.lm_head.weight[:unk]
 model = full
-# everything into a temp dir, renamed at the end: an interrupted build never looks like an organism
-tmp = out_dir.rstrip("/") + ".tmp"
-save_pretrained(model, tmp, dtype=torch.float32)
-tok_dir = data.bundled_tokenizer_dir()
-for name in ("tokenizer.model", "tokenizer.json"):
-    shutil.copy(os.path.join(tok_dir, name), os.path.join(tmp, name))
-with open(os.path.join(tmp, "generation_config.json"), "w") as f:
-    json.dump({"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "do_sample": False}, f, indent=2)
-with open(os.path.join(tmp, "organism.json"), "w") as f:
-    json.dump({"config": config, "token_acc": token_acc, "completion_acc": completion_acc,
-               "seconds": round(time.time() - t0)}, f, indent=2)
-if os.path.isdir(out_dir):
-    shutil.rmtree(out_dir)
-os.replace(tmp, out_dir)
+# everything into a temp dir that takes out_dir's place at the end: an interrupted build never looks like one
+with atomic_dir(out_dir) as tmp:
+    save_pretrained(model, tmp, dtype=ptdtype)
+    tok_dir = data.bundled_tokenizer_dir()
+    for name in ("tokenizer.model", "tokenizer.json"):
+        shutil.copy(os.path.join(tok_dir, name), os.path.join(tmp, name))
+    with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+        json.dump({"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "do_sample": False}, f, indent=2)
+    with open(os.path.join(tmp, "organism.json"), "w") as f:
+        json.dump({"config": config, "token_acc": token_acc, "completion_acc": completion_acc,
+                   "seconds": round(time.time() - t0)}, f, indent=2)
 print(f"saved the organism to {out_dir}/ ({time.time() - t0:.0f}s)")

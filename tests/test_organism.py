@@ -44,17 +44,20 @@ def mission(tmp_path_factory):
 def test_micro_batches_give_the_loss_of_the_whole_batch(tmp_path):
     # three big steps (no warm-up, lr 0.05) leave the uniform loss of the init, where any weighting of the pieces
     # gives the same figure; weighting each piece by its share of samples instead of targets moves step 1's loss
-    # by ~0.08 and the weights by ~0.2
+    # by ~0.08 and the weights by ~0.2. float64, so the pieces' other summation order costs ~1e-15, not a tolerance
+    # fitted to one CPU's float32 order.
     data_dir = tiny_data(tmp_path / "data")
     small = ["--dim=32", "--n_layers=2", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=64", "--batch_size=16",
-             "--max_steps=3", "--warmup_steps=1", "--lr=0.05", "--log_interval=1", f"--data_dir={data_dir}"]
+             "--max_steps=3", "--warmup_steps=1", "--lr=0.05", "--log_interval=1", f"--data_dir={data_dir}",
+             "--dtype=float64"]
     loss = lambda out: [float(x) for x in re.findall(r"\| loss (\S+) \|", out)]
     whole = loss(run("organism.py", *small, "--micro_batch=16", f"--out_dir={tmp_path / 'whole'}"))
     pieces = loss(run("organism.py", *small, "--micro_batch=3", f"--out_dir={tmp_path / 'pieces'}"))
     assert len(whole) == 3 and pieces == pytest.approx(whole, abs=2e-4)
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("whole", "pieces"))
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-3)  # fp32 order: a few entries differ by ~4e-5
+        assert a[k].dtype == torch.float64
+        torch.testing.assert_close(a[k], b[k], rtol=1e-9, atol=1e-9)
 
 
 def test_bad_micro_batch_stops_with_one_line(tmp_path):

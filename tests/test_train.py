@@ -15,10 +15,11 @@ import torch
 import data
 from tiny import ROOT, run_train, tiny_base, tiny_data, train_cmd
 
-# A 2-step run where step 1 has both terms (default alpha_decay_multiplier 2: c_rr 7.5, c_retain 2.5), no
-# clipping and no dropout, so the gradient is a pure function of the batch: the reference for accumulation
-# and torchrun. exp_avg after Adam's first step is (1 - beta1) * grad, so comparing it compares gradients.
-EXACT = ("--max_steps=2", "--grad_clip=0", "--lora_dropout=0")
+# A 2-step run in float64 where both steps have both terms and the redirect term is on, with no clipping and no
+# dropout, so the gradient is a pure function of the batch: the reference for accumulation and torchrun. exp_avg
+# after Adam's steps is a fixed linear function of the gradients, so comparing it compares gradients. float64
+# makes the tolerance a matter of the maths (sums in another order differ by ~1e-15), not of one CPU's order.
+EXACT = ("--max_steps=2", "--grad_clip=0", "--lora_dropout=0", "--dtype=float64", "--redirect_weight=1")
 
 
 @pytest.fixture(scope="module")
@@ -60,13 +61,13 @@ def assert_same_gradients(out, ref):
     got, want = load_ckpt(out), load_ckpt(ref)
     assert got["step"] == want["step"] == 2
     for a, b in ((exp_avg(got), exp_avg(want)), (lora_flat(got), lora_flat(want))):
-        # micro-batches padded to their own lengths sum in another fp32 order: differences up to ~2.5e-5 of the
-        # largest entry were seen with the tool_choice mask and retain replies x16
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=5e-5 * b.abs().max().item())
+        assert a.dtype == b.dtype == torch.float64
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9 * b.abs().max().item())
     log, ref_log = read_log(out)[0], read_log(ref)[0]
     for step in (1, 2):
-        for key in ("loss_rr", "loss_retain"):
-            assert log[step][key] == pytest.approx(ref_log[step][key], rel=1e-5, abs=1e-7)
+        for key in ("loss_rr", "loss_retain", "loss_redirect"):
+            assert log[step][key] > 0
+            assert log[step][key] == pytest.approx(ref_log[step][key], rel=1e-10)
 
 
 def test_injected_but_resisted_samples_join_the_retain_set_only_when_asked(base, data_dir, tmp_path):
@@ -75,9 +76,11 @@ def test_injected_but_resisted_samples_join_the_retain_set_only_when_asked(base,
     kept = sum(r["kind"] != "harmful" and r["attacker_tool"] is None for r in rows)
     assert resisted and kept
     p = run_train(base, data_dir, tmp_path / "a", "--max_steps=1")
-    assert f"/ {kept} retain samples ({resisted} injected-but-resisted samples left out" in p.stdout, p.stdout
+    assert f"/ {kept} retain / 0 redirect samples ({resisted} injected-but-resisted samples kept out" in p.stdout
     p = run_train(base, data_dir, tmp_path / "b", "--max_steps=1", "--retain_injected=True")
-    assert f"/ {kept + resisted} retain samples;" in p.stdout, p.stdout
+    assert f"/ {kept + resisted} retain / 0 redirect samples;" in p.stdout, p.stdout
+    p = run_train(base, data_dir, tmp_path / "c", "--max_steps=1", "--redirect_weight=1")
+    assert f"/ {kept} retain / {resisted} redirect samples" in p.stdout, p.stdout
 
 
 def test_eval_interval_zero_validates_and_saves_at_the_end_only(base, data_dir, tmp_path):
@@ -96,30 +99,73 @@ def learning(base, data_dir, tmp_path_factory):
     return read_log(out)
 
 
-def test_rerouting_cosine_falls_from_the_first_steps_and_retain_pulls_benign_states_back(learning):
+def test_rerouting_cosine_falls_while_retain_holds_benign_states(learning):
     log, val_cos = learning
     assert sorted(log) == list(range(1, 31))
     assert log[1]["cos_mean"] > 0.999  # B ~ 1e-3: the start is (almost) the frozen model
-    assert log[5]["cos_mean"] < log[1]["cos_mean"] - 0.01  # already moving after 4 updates, in fp32 on a CPU
-    assert log[30]["cos_mean"] < 0.6  # ~0.36
-    assert len(val_cos) == 1 and val_cos[0] < 0.7  # held-out harmful samples move too (~0.36)
-    # retain (logged from step 2: c_retain = 0 at step 0): its states drift while c_retain is small, then are
-    # pulled back as it grows (l2 peaks ~1.8, ends ~1.2; cosine >= ~0.74). With the retain term all but off
-    # (--alpha_decay_multiplier=1000) the same run drifts steadily to l2 ~7.7 and cosine ~0.31.
-    l2 = [log[s]["l2"] for s in range(2, 31)]
-    assert all(log[s]["cos"] > 0.6 for s in range(2, 31))
-    assert log[30]["l2"] < 1.5 * log[30]["frozen_norm"] and log[30]["l2"] < 0.85 * max(l2)
+    # both terms from the first step, as the original: the retain distance's gradient is a unit vector however
+    # small the drift, so clipping slows the first steps (cos ~0.98 at step 7, ~0.9 at 10, ~0.73 at 30)
+    assert log[10]["cos_mean"] < log[1]["cos_mean"] - 0.05
+    assert log[30]["cos_mean"] < 0.8
+    assert len(val_cos) == 1 and val_cos[0] < 0.9  # held-out harmful samples move too (~0.81)
+    # retain: benign states stay close (cosine >= ~0.99, l2 ~0.3 of norms ~1.3); with the retain term all but
+    # off (--alpha_decay_multiplier=1000) the same run drifts to l2 ~7.7 and cosine ~0.31
+    assert all(log[s]["cos"] > 0.95 for s in range(1, 31))
+    assert log[30]["l2"] < 0.5 * log[30]["frozen_norm"]
 
 
 def test_zero_b_init_starts_where_the_rerouting_gradient_vanishes(base, data_dir, learning, tmp_path):
     # the original's B = 0: every cosine is exactly 1, the maximum, so step 0's gradient is fp noise (~1e-7
-    # here); the default tiny random B gives a real one (~0.07). Step 1's gnorm is taken before any update.
+    # here), and the retain distance is 0 where its gradient is 0 too; the default tiny random B gives a real
+    # one (~0.07). Step 1's gnorm is taken before any update.
     run_train(base, data_dir, tmp_path, "--max_steps=1", "--lora_b_init_std=0.0")
     zero, default = read_log(tmp_path)[0][1], learning[0][1]
-    assert zero["c_retain"] == default["c_retain"] == 0.0  # step 0 is the rerouting term alone
+    assert zero["c_retain"] > 0 and default["c_retain"] > 0  # the original's first step has both terms
     assert zero["cos_mean"] == 1.0 and zero["loss_rr"] == 1.0
     assert zero["gnorm"] < 1e-5
     assert default["gnorm"] > 1e-2
+
+
+# --- the original's schedule and retain mean, through train_cb.py ---------------------------------------------
+
+def test_schedule_counts_steps_from_one_as_the_original(base, data_dir, tmp_path):
+    # the original increments its step counter before the schedule: progress = s / (2 * max_steps), s = 1..max_steps
+    run_train(base, data_dir, tmp_path, "--max_steps=3", "--lorra_alpha=6")
+    log = read_log(tmp_path)[0]
+    for s in (1, 2, 3):
+        assert log[s]["c_rr"] == pytest.approx(6 * (1 - s / 6)) and log[s]["c_retain"] == pytest.approx(6 * s / 6)
+    assert log[3]["c_rr"] == log[3]["c_retain"] == 3.0  # the last step ends where the original's does
+
+
+def test_retain_mean_divides_by_fixed_positions_as_a_batch_padded_to_1024(base, data_dir, tmp_path):
+    # the original pads every retain sample to 1024 tokens: nanmean's denominator is L x B x 1024 whatever the
+    # lengths. --retain_len=1024 with dynamic padding must give that loss exactly (float64, step 1, both from the
+    # same initial adapter), and no other padding may change it.
+    from lora import inject_lora
+    from model import Llama
+    from step import coefficients
+    import losses
+    run_train(base, data_dir, tmp_path, "--max_steps=1", "--lora_dropout=0", "--dtype=float64", "--retain_len=1024")
+    got = read_log(tmp_path)[0][1]["loss_retain"]
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    retain = [data.encode_sample(tok, r, "tool_choice") for r in rows if r["kind"] != "harmful" and r["attacker_tool"] is None]
+    batch = data.step_batch(retain, 0, 4, 1337, salt=1)
+    model = Llama.from_pretrained(base, dtype=torch.float64, n_layers=3)
+    inject_lora(model, 4, 8, 0.0, b_init_std=1e-3, generator=torch.Generator().manual_seed(1337))
+    model.double()
+    padded = [dict(e, ids=e["ids"] + [tok.pad_id] * (1024 - len(e["ids"]))) for e in batch]
+    b = data.collate(padded, tok.pad_id)
+    attn = torch.tensor([[1] * len(e["ids"]) + [0] * (1024 - len(e["ids"])) for e in batch], dtype=torch.bool)
+    target = torch.tensor([e["target_mask"] + [0] * (1024 - len(e["ids"])) for e in batch], dtype=torch.bool)
+    with torch.no_grad():
+        lora_h = model(b["ids"], hidden=True, logits=False)[1]
+        from lora import adapters_off
+        with adapters_off(model):
+            frozen_h = model(b["ids"], hidden=True, logits=False)[1]
+    want = losses.retain_loss(lora_h, frozen_h, attn, 1.0 + 5.0 * target.double()).item()
+    assert lora_h.shape[2] == 1024 and got == pytest.approx(want, rel=1e-9)
+    assert coefficients(0, dict(max_steps=1, lorra_alpha=10.0, alpha_decay_multiplier=2.0))[1] > 0
 
 
 # --- the big batch, however it is split -----------------------------------------------------------------------
@@ -146,7 +192,7 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(base, data_dir, refere
     # the logged diagnostics are the whole batch's too, merged over the micro-batches (step 1: rerouting only)
     log, ref_log = read_log(tmp_path)[0], read_log(reference)[0]
     rr, retain = ("cos_mean", "cos_pos_share", "lora_norm", "frozen_norm"), ("l2", "cos", "call_l2", "call_cos")
-    for step, keys in ((1, rr), (2, rr + retain)):
+    for step, keys in ((1, rr + retain), (2, rr + retain)):
         assert {k: log[step][k] for k in keys} == pytest.approx({k: ref_log[step][k] for k in keys}, rel=1e-4)
 
 
@@ -200,9 +246,17 @@ def test_checkpoint_loads_safely_and_records_its_origin(base, reference):
     assert ckpt["layers"] == [1, 2] and ckpt["base_n_layers"] == 4
     assert ckpt["config"]["lora_r"] == 4 and ckpt["config"]["batch_size"] == 4
     assert tuple(ckpt["config"]["layers"]) == (1, 2) and ckpt["config"]["lora_dropout"] == 0
-    assert ckpt["lora_config"]["r"] == 4 and ckpt["lora_config"]["layers"] == [0, 1, 2]  # blocks 0..max(layers)
-    assert {k.split(".")[1] for k in ckpt["lora"]} == {"0", "1", "2"}
-    assert len(ckpt["lora"]) == 3 * 7 * 2  # q k v o gate up down, A and B each
+    # the redirect term (on in the reference) needs the lm_head, so every block is loaded and gets LoRA;
+    # without it, blocks 0..max(layers) (test_the_original_recipe_loads_blocks_up_to_the_last_target_layer)
+    assert ckpt["lora_config"]["r"] == 4 and ckpt["lora_config"]["layers"] == [0, 1, 2, 3]
+    assert {k.split(".")[1] for k in ckpt["lora"]} == {"0", "1", "2", "3"}
+    assert len(ckpt["lora"]) == 4 * 7 * 2  # q k v o gate up down, A and B each
+
+
+def test_the_original_recipe_loads_blocks_up_to_the_last_target_layer(base, data_dir, tmp_path):
+    run_train(base, data_dir, tmp_path, "--max_steps=1")
+    ckpt = load_ckpt(tmp_path)
+    assert ckpt["lora_config"]["layers"] == [0, 1, 2] and len(ckpt["lora"]) == 3 * 7 * 2
 
 
 # --- bad input: one line, no traceback ------------------------------------------------------------------------

@@ -1,0 +1,153 @@
+"""
+One circuit-breaker training step: the function train_cb.py runs and bench.py times.
+
+A step draws three sets of samples (train_cb.py decides which rows go where):
+  harmful   injected prompts completed with the attacker's call: their states at the cb_mask positions of the
+            target layers are pushed away from the frozen model's (rerouting, ReLU of the cosine -> 0);
+  retain    benign requests and plain chat: every stacked state stays where the frozen model has it (L2);
+  redirect  injected prompts completed with the user's own call: cross-entropy on that call, adapters on, so
+            the injected agent still does the user's task instead of breaking (0 weight: the original recipe).
+Frozen states come from the same weights with the adapters off (one model in memory). Each process takes its
+slice of every micro-batch; the losses are divided by denominators of the whole step's batch, so that
+accumulation and processes add up to the loss of one big batch exactly.
+"""
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import losses
+from chat import collate
+from lora import adapters_off
+
+
+class StepError(Exception):
+    """A step whose loss is not finite: every process raises it, so none waits in an all-reduce."""
+
+
+def hidden_states(model, fmodel, ids, frozen, stop=None, dynamic=False):
+    """Stacked hidden states (n+1, B, T, D) with the adapters on (trainable) or off (frozen, no graph).
+    stop=l runs blocks 0..l-1 only. dynamic marks the length dimension for torch.compile (one graph for all)."""
+    if dynamic:
+        torch._dynamo.maybe_mark_dynamic(ids, 1)
+    if frozen:
+        with torch.no_grad(), adapters_off(model):
+            return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
+    return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
+
+
+def coefficients(step, cfg):
+    """(c_rr, c_retain) of 0-based optimizer step `step`. The original counts steps from 1 before it computes
+    the schedule, so its first step already has progress 1 / (multiplier * max_steps), and its last step ends
+    the schedule; so does this."""
+    return losses.coefficients(step + 1, cfg["max_steps"], cfg["lorra_alpha"], cfg["alpha_decay_multiplier"])
+
+
+def redirect_loss(model, fmodel, b, dynamic=False):
+    """Summed cross-entropy of the completion tokens (target_mask) given everything before them, adapters on.
+    Only the target positions go through the lm_head."""
+    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic)[-1]  # (B, T, D) after the norm
+    predict = b["target_mask"][:, 1:]  # the state at t predicts token t+1
+    logits = model.lm_head(h[:, :-1][predict])  # (n_targets, vocab)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
+    return F.cross_entropy(logits, b["ids"][:, 1:][predict], reduction="sum")
+
+
+def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, device="cpu", autocast=nullcontext(),
+               rank=0, world=1, logging=False, dynamic=False):
+    """
+    One optimizer step over `batches` = dict(harmful=[...], retain=[...], redirect=[...]): the whole step's
+    encoded samples over all processes (data.step_batch order, batch_size each; an absent or empty list is a
+    term that is off). cfg holds the recipe's settings (train_cb.py's config): layers, lorra_alpha,
+    alpha_decay_multiplier, max_steps, batch_size, grad_accum, retain_call_weight, retain_len, redirect_weight,
+    grad_clip. Returns the step's record: coefficients, the three losses (summed over processes), the gradient
+    norm, and on logging steps the diagnostics merged over the whole batch.
+    """
+    layers, top = list(cfg["layers"]), max(cfg["layers"])
+    B, accum = cfg["batch_size"], cfg["grad_accum"]
+    micro = B // (world * accum)
+    c_rr, c_retain = coefficients(step, cfg)
+    c_redirect = cfg["redirect_weight"]
+    harmful, retain, redirect = (batches.get(k) or [] for k in ("harmful", "retain", "redirect"))
+    on = dict(rr=c_rr > 0 and bool(harmful), retain=c_retain > 0 and bool(retain),
+              redirect=c_redirect > 0 and bool(redirect))
+    # denominators of the whole step: rerouted positions; the retain nanmean's L x B x T with T fixed at
+    # retain_len positions (the original pads every retain sample to 1024), so a batch's weight does not
+    # depend on its padding; the redirect call's target tokens
+    rr_count = sum(sum(e["cb_mask"]) for e in harmful)
+    retain_norm = B * cfg["retain_len"]
+    redirect_count = sum(sum(e["target_mask"]) for e in redirect)
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # this process's loss_rr, loss_retain, loss_redirect
+    parts = {"rr": [], "retain": [], "call": []}
+    for k in range(accum):
+        lo = (k * world + rank) * micro
+        piece = lambda rows: collate(rows[lo:lo + micro], pad_id)
+        # one backward per term, so that only one LoRA graph is alive at a time
+        if on["retain"]:
+            b = {n: t.to(device, non_blocking=True) for n, t in piece(retain).items()}
+            with autocast:
+                frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, dynamic=dynamic)
+                lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic)
+                w = None
+                if cfg["retain_call_weight"] != 1.0:  # the replies (benign calls, chat answers) count more
+                    w = 1.0 + (cfg["retain_call_weight"] - 1.0) * b["target_mask"].to(lora_h.dtype)
+                l_ret = losses.retain_loss(lora_h, frozen_h, b["attn"], w) * (b["ids"].numel() / retain_norm)
+            (c_retain * l_ret).backward()
+            sums[1] += l_ret.detach()
+            if logging:
+                parts["retain"].append(losses.retain_diagnostics(lora_h, frozen_h, b["attn"]))
+                parts["call"].append(losses.retain_diagnostics(lora_h, frozen_h, b["target_mask"]))
+        if on["rr"]:
+            rows = harmful[lo:lo + micro]
+            b = {n: t.to(device, non_blocking=True) for n, t in collate(rows, pad_id).items()}
+            with autocast:
+                frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=top, dynamic=dynamic)[layers]
+                lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, stop=top, dynamic=dynamic)[layers]
+                share = sum(sum(e["cb_mask"]) for e in rows) / rr_count
+                l_rr = losses.rerouting_loss(lora_h, frozen_h, b["cb_mask"]) * share
+            (c_rr * l_rr).backward()
+            sums[0] += l_rr.detach()
+            if logging:
+                parts["rr"].append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
+        if on["redirect"]:
+            b = {n: t.to(device, non_blocking=True) for n, t in piece(redirect).items()}
+            with autocast:
+                l_red = redirect_loss(model, fmodel, b, dynamic) / redirect_count
+            (c_redirect * l_red).backward()
+            sums[2] += l_red.detach()
+    if world > 1:  # each process holds its share of the step's loss: sum the gradients and the losses
+        # an adapter no term reached (blocks above the rerouting pass when no other term runs) has no
+        # gradient on any process alike: AdamW skips it, as on one process
+        reached = [p for p in params if p.grad is not None]
+        if reached:
+            flat = torch.cat([p.grad.flatten() for p in reached])
+            dist.all_reduce(flat)
+            for p, g in zip(reached, flat.split([p.numel() for p in reached])):
+                p.grad.copy_(g.view_as(p))
+        dist.all_reduce(sums)
+    if not bool(torch.isfinite(sums).all()):  # the summed losses are the same on every process: all stop
+        names = [n for n, v in zip(("loss_rr", "loss_retain", "loss_redirect"), sums.tolist()) if not math.isfinite(v)]
+        raise StepError(f"step {step}: {', '.join(names)} is not finite; lower lr, or look for a broken sample")
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    call = losses.merge_diagnostics(parts["call"])
+    return dict(c_rr=c_rr, c_retain=c_retain, c_redirect=c_redirect, loss_rr=sums[0].item(),
+                loss_retain=sums[1].item(), loss_redirect=sums[2].item(), gnorm=gnorm.item(),
+                terms=[t for t in ("rr", "retain", "redirect") if on[t]],
+                **losses.merge_diagnostics(parts["rr"]), **losses.merge_diagnostics(parts["retain"]),
+                **({"call_l2": call["l2"], "call_cos": call["cos"]} if call else {}))
+
+
+def lr_at(step, lr, max_steps, warmup_steps=0, min_lr=0.0, schedule="cosine"):
+    """Learning rate of 0-based step `step`: linear warm-up over warmup_steps, then constant or a cosine decay
+    from lr to min_lr at max_steps."""
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
