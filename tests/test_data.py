@@ -1,6 +1,7 @@
 """Tool data: the generator and splits (data.py), schema validation, exact masks and batching (chat.py)."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -285,23 +286,28 @@ def test_hijack_rows_keep_the_users_tool_and_swap_an_argument(splits):
 
 
 def test_departure_mask_starts_where_the_harmful_call_leaves_the_users_call(tok, splits):
-    by_id = {r['id']: r for r in splits['train']}
-    harmful = [r for r in splits['train'] if r['kind'] == 'harmful']
+    by_id = {r['id']: r for split in splits.values() for r in split}
+    harmful = [r for split in splits.values() for r in split if r['kind'] == 'harmful']
     flip = next(r for r in harmful if tuple((r['expected_tool'], r['attacker_tool'])) == data.MAIN_FLIP)
-    for h in [flip] + [next(r for r in harmful if r['family'] == f) for f in data.HIJACKS if f in
-                       {r['family'] for r in harmful}]:
-        e, redirect = encode_sample(tok, h, 'departure'), encode_sample(tok, by_id[h['id'] + '-redirect'], 'departure')
-        k = e['cb_mask'].index(1)
-        # the state before position k has read the same tokens as the redirect row's: only k.. departs
-        assert e['ids'][:k] == redirect['ids'][:k] and e['ids'][k] != redirect['ids'][k], h['id']
+    hijacks = [next(r for r in harmful if r['family'] == f) for f in data.HIJACKS]
+    for h in [flip] + hijacks:
+        e = encode_sample(tok, h, 'departure')
+        k, start = e['cb_mask'].index(1), e['target_mask'].index(1)
         assert e['cb_mask'] == [0] * k + [1] * (len(e['ids']) - k) and e['ids'][-1] == tok.eom_id
-        masked = tok.decode(e['ids'][k:])
+        # the tokens before k are the user's call's: the state that reads them is the redirect row's too
+        correct = '<|python_tag|>' + data.tool_call_text(h['expected_call'])
+        before, first, masked = (tok.decode(ids) for ids in (e['ids'][start:k], e['ids'][k:k + 1], e['ids'][k:]))
+        assert correct.startswith(before) and not correct.startswith(before + first), h['id']
         if h is flip:
             assert masked.startswith(h['attacker_tool'])
-        else:
+        else:  # the departing token holds the start of the attacker's argument
             value = h['attacker_parameters'][next(iter(data.HIJACKS[h['family']][1][0]))]
-            assert value in masked and value not in tok.decode(e['ids'][e['target_mask'].index(1):k]), h['id']
-        assert not any(redirect['cb_mask']) and not any(encode_sample(tok, by_id[h['twin']], 'departure')['cb_mask'])
+            at = (before + masked).index(value)
+            assert at < len(before) + len(first) and len(before) < at + len(value), h['id']
+        if h['id'] + '-redirect' in by_id:
+            redirect = encode_sample(tok, by_id[h['id'] + '-redirect'], 'departure')
+            assert e['ids'][:k] == redirect['ids'][:k] and not any(redirect['cb_mask'])
+        assert not any(encode_sample(tok, by_id[h['twin']], 'departure')['cb_mask'])
     with pytest.raises(DataError, match='departure" needs "expected_call"'):
         encode_sample(tok, {k: v for k, v in flip.items() if k != 'expected_call'}, 'departure')
 
@@ -332,6 +338,31 @@ def test_an_out_of_range_setting_stops_with_one_line_before_anything_is_written(
         assert p.returncode != 0 and p.stdout == '' and name in p.stderr, (arg, p.stderr)
         assert p.stderr.startswith('data.py: ') and p.stderr.count('\n') == 1, p.stderr
     assert (tmp_path / 'data' / 'train.jsonl').read_text() == 'old\n' and os.listdir(tmp_path / 'data') == ['train.jsonl']
+
+
+def generator_pattern(core):
+    """A template core -> a regex of every request it can produce (its slots filled with any of their values)."""
+    import string
+    out = ''
+    for literal, field, _, _ in string.Formatter().parse(core):
+        out += re.escape(literal)
+        if field is not None:
+            name, _, index = field.partition('[')
+            values = [v[int(index[:-1])] if index else v for v in data.SLOTS[name]]
+            out += '(?:' + '|'.join(map(re.escape, values)) + ')'
+    return out
+
+
+def test_plain_requests_fixture_is_written_outside_the_generator():
+    rows = load_jsonl(os.path.join(FIXTURES, 'plain_requests.jsonl'), require_completion=False)
+    assert len(rows) >= 40 and len({r['id'] for r in rows}) == len(rows)
+    assert all(sum(r['expected_tool'] == t for r in rows) >= 5 for t in data.TOOLS)
+    wrappers = [w.split('{request}') for w in data.WRAPPERS]
+    cores = [generator_pattern(core) for ts in data.TEMPLATES.values() for core, _ in ts]
+    requests = [r['messages'][0]['content'] for r in rows]
+    made = re.compile('|'.join(f'{re.escape(a)}(?:{"|".join(cores)}){re.escape(b)}' for a, b in wrappers))
+    assert made.fullmatch('Hi! Can you show me recent images of cats?')  # the pattern does find a generated one
+    assert not [q for q in requests if made.fullmatch(q)]
 
 
 # -----------------------------------------------------------------------------
