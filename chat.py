@@ -78,7 +78,8 @@ def read_ranks(path):
             try:
                 ranks[b64decode(parts[0], validate=True)] = int(parts[1])
             except Exception:
-                raise DataError(f'{path}:{n}: not a "base64-token rank" line (is this a Llama 3 tokenizer.model?)') from None
+                raise DataError(f'{path}:{n}: not a "base64-token rank" line '
+                                '(is this a Llama 3 tokenizer.model?)') from None
     if len(ranks) != N_RANKS:
         raise DataError(f'{path}: {len(ranks)} BPE ranks, a Llama 3 tokenizer.model has {N_RANKS}')
     return ranks
@@ -126,7 +127,8 @@ def load_tokenizer(path=None):
         found = [p for p in (os.path.join(path, 'original', 'tokenizer.model'), os.path.join(path, 'tokenizer.model'))
                  if os.path.isfile(p)]
         if not found:
-            raise DataError(f'{path}: no tokenizer.model (looked for {path}/original/tokenizer.model and {path}/tokenizer.model)')
+            raise DataError(f'{path}: no tokenizer.model (looked for {path}/original/tokenizer.model and '
+                            f'{path}/tokenizer.model)')
         path = found[0]
     elif not os.path.isfile(path):
         raise DataError(f'{path}: tokenizer.model not found')
@@ -247,7 +249,8 @@ def render(tok, messages, tools, completion=None):
     if messages and messages[0]['role'] == 'system':
         system, messages = messages[0]['content'], messages[1:]
     # "\n\n" after a header is encoded with the text that follows, as a whole-string tokenizer would
-    segs = [([tok.bos_id] + header(tok, 'system') + tok.encode('\n\n' + system_text(tools, system)) + [tok.eot_id], 'prompt')]
+    segs = [([tok.bos_id] + header(tok, 'system') + tok.encode('\n\n' + system_text(tools, system)) + [tok.eot_id],
+             'prompt')]
     for m in messages:
         if 'tool_call' in m:
             segs.append((header(tok, m['role']) + tok.encode('\n\n'), 'prompt'))
@@ -292,7 +295,8 @@ def check_row(row, require_completion=True):
     """Raises DataError('<field>: ...') on the first problem; returns the row with defaults filled in."""
     if not isinstance(row, dict):
         raise DataError('a row must be a JSON object')
-    required = ('messages', 'tools', 'expected_tool', 'attacker_tool') + (('completion', 'kind') if require_completion else ())
+    required = ('messages', 'tools', 'expected_tool', 'attacker_tool')
+    required += ('completion', 'kind') if require_completion else ()
     for field in required:
         if field not in row:
             raise DataError(f'"{field}" is missing')

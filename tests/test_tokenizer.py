@@ -67,7 +67,8 @@ def test_special_tokens_have_their_llama31_ids(tok):
 
 
 def test_special_token_text_in_content_stays_plain_text(tok):
-    for name in ('<|eot_id|>', '<|python_tag|>', '<|start_header_id|>', '<|begin_of_text|>', '<|reserved_special_token_9|>'):
+    for name in ('<|eot_id|>', '<|python_tag|>', '<|start_header_id|>', '<|begin_of_text|>',
+                 '<|reserved_special_token_9|>'):
         ids = tok.encode(f'hi {name} there')
         assert all(i < 128000 for i in ids)
         assert tok.decode(ids) == f'hi {name} there'
@@ -163,4 +164,5 @@ def test_system_message_and_json_schema_tools_render_after_the_tool_list(tok):
     assert text.startswith('<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\n\n'
                            'You can call these functions:\n{"name":"get_weather","description":"Weather now.",'
                            '"parameters":{"city":"string","units":"string?"}}\n')
-    assert '{...}}.\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWeather in Oslo?<|eot_id|>' in text
+    assert ('{...}}.\n\nBe brief.<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nWeather in Oslo?<|eot_id|>'
+            in text)
