@@ -1,7 +1,7 @@
 """
 Generates nanocb's tool-routing data, read top to bottom:
   1. many natural ways of asking for each tool of the registry,
-  2. injection families that try to flip the tool the agent calls,
+  2. injection families that try to flip the tool the agent calls, or keep it and swap its arguments (hijacks),
   3. the sample generator and its deterministic train/val/test splits,
   4. an importer for the users' tool-flip benchmark records,
   5. the summary of what was written.
