@@ -284,10 +284,29 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--lorra_alfa=10",), "unknown config key 'lorra_alfa'"),
     (lambda b, d, t: (f"--init_from={base_without_tokenizer(b, t)}",), "tokenizer.model"),
     (lambda b, d, t: train_file_with_text_completion(d, t), "nothing to reroute"),
-], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key", "no_tokenizer", "empty_mask"])
+    (lambda b, d, t: ("--lr=1e30", "--max_steps=3"), "step 1: loss_rr is not finite"),
+    (lambda b, d, t: ("--dtype=int8",), "dtype must be one of"),
+    (lambda b, d, t: ("--retain_len=0",), "retain_len must be a positive integer"),
+    (lambda b, d, t: ("--warmup_steps=5",), "warmup_steps must be in 0..max_steps"),
+    (lambda b, d, t: ("--lorra_alpha=0",), "no term would train"),
+    (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
+], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key", "no_tokenizer",
+        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term",
+        "negative_redirect"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
     assert p.returncode != 0 and len(lines) == 1, p.stderr
     assert lines[0].startswith(("train_cb.py:", "config error:")) and words in lines[0], lines[0]
     assert not os.path.exists(tmp_path / "out" / "ckpt.pt")
+
+
+def test_resume_refuses_command_line_settings_that_disagree_with_the_checkpoint(base, data_dir, tmp_path):
+    run_train(base, data_dir, tmp_path, "--max_steps=1", "--lr=3e-3")
+    for arg in ("--lr=0.5", "--dtype=float64", "--cb_mask=completion"):
+        p = run_train(base, data_dir, tmp_path, "--init_from=resume", "--max_steps=2", arg, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and "disagrees with" in lines[0], p.stderr
+    assert load_ckpt(tmp_path)["step"] == 1  # nothing was trained or written
+    run_train(base, data_dir, tmp_path, "--init_from=resume", "--max_steps=2", "--lr=3e-3")  # the same value is fine
+    assert load_ckpt(tmp_path)["step"] == 2
