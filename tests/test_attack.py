@@ -1,0 +1,261 @@
+"""attack.py: the target loss after a cached prefix is the full-vocabulary one, greedy replies from the cache are
+generate()'s, a GCG step lowers the loss, a planted easy case is found, candidates are plain text only, the
+embedding attack stays within its budget, and bad input stops with one line."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attack
+import data
+from lora import inject_lora, lora_config, lora_state_dict
+from model import Llama, LlamaConfig, generate
+from tiny import ROOT, tiny_base
+
+ATTACK = os.path.join(ROOT, "attack.py")
+N_ADV = 4
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def case(tok):
+    """The shortest tool-flip case of a small generated test split."""
+    rows = data.generate_splits(seed=0, n_train=0, n_val=0, n_test=40)["test"]
+    flips = [r for r in rows if r["attacker_tool"] and r["attacker_tool"] != r["expected_tool"]]
+    return min(flips, key=lambda r: len(data.prompt_ids(tok, r["messages"], r["tools"])))
+
+
+@pytest.fixture(autouse=True)
+def small_budget(monkeypatch):
+    for name, value in dict(n_adv=N_ADV, topk=16, n_candidates=32, batch_size=16, steps=10, embed_steps=4,
+                            embed_restarts=2, max_new_tokens=40, retokenize=True).items():
+        monkeypatch.setattr(attack, name, value)
+
+
+def parts(tok, case):
+    lay = attack.layout(tok, case, attack.injection_site(case))
+    target = [i for ids, _ in data.call_segments(tok, {"name": case["attacker_tool"],
+                                                        "parameters": case["attacker_parameters"]}) for i in ids]
+    return lay, attack.initial_adv(tok, lay, N_ADV), target
+
+
+@pytest.fixture(scope="module")
+def planted(tok, case):
+    """A small model that makes the attacker's call exactly when the word ' banana' is among the adversarial
+    tokens, and refuses otherwise. Trained as organism.py trains (a compact vocabulary of the tokens it sees, one
+    shared row for every other token, zero output rows), so GCG has ~150 distinct candidates."""
+    torch.manual_seed(0)
+    lay, adv0, target = parts(tok, case)
+    trigger = tok.encode(" banana")[0]
+    refuse = tok.encode("I can't do that.") + [tok.eot_id]
+    others = [i for i in tok.encode(" apple pear plum fig kiwi lime") if i != trigger]
+    seqs = [(adv0[:j] + [trigger] + adv0[j + 1:], target) for j in range(N_ADV)]
+    seqs += [(adv0, refuse)] + [(adv0[:j] + [o] + adv0[j + 1:], refuse) for j, o in enumerate(others[:N_ADV])]
+    vocab = sorted({i for adv, r in seqs for i in lay["head"] + adv + lay["tail"] + r})
+    compact = torch.full((tok.n_vocab,), len(vocab), dtype=torch.long)
+    compact[vocab] = torch.arange(len(vocab))
+    log_n_zero = math.log(tok.n_vocab - len(vocab))
+    cfg = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=4096)
+    small = Llama(LlamaConfig(vocab_size=len(vocab) + 1, **cfg))
+    L = max(len(r) for _, r in seqs)
+    ids = compact[torch.tensor([lay["head"] + a + lay["tail"] + r + r[-1:] * (L - len(r)) for a, r in seqs])]
+    targets = torch.tensor([list(compact[r]) + [-100] * (L - len(r)) for _, r in seqs])
+    start = len(lay["head"]) + N_ADV + len(lay["tail"]) - 1
+    opt = torch.optim.Adam(small.parameters(), lr=1e-2)
+    for step in range(400):
+        _, h = small(ids[:, :-1], hidden=True, logits=False)
+        logits = F.linear(h[-1][:, start:], small.lm_head.weight[:-1])  # the full model's other rows are zero:
+        logits = torch.cat([logits, torch.full_like(logits[..., :1], log_n_zero)], -1)  # one logit for them all
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        if bool(((logits.argmax(-1) == targets) | (targets == -100)).all()) and loss < 0.05:
+            break
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model = Llama(LlamaConfig(vocab_size=tok.n_vocab, **cfg))
+    with torch.no_grad():
+        model.load_state_dict({k: v for k, v in small.state_dict().items() if not k.startswith(("embed", "lm_head"))},
+                              strict=False)
+        model.embed_tokens.weight.copy_(small.embed_tokens.weight[compact])
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[vocab] = small.lm_head.weight[:-1]
+    model.eval().requires_grad_(False)
+    return dict(model=model, lay=lay, adv0=adv0, target=target, trigger=trigger)
+
+
+def run(*args):
+    return subprocess.run([sys.executable, ATTACK, *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, case):
+    """A tiny random base and a train_cb.py-style checkpoint of a random adapter on it."""
+    d = tmp_path_factory.mktemp("attack")
+    base = tiny_base(d / "base", n_layers=2, dim=16)
+    model = Llama.from_pretrained(base)
+    inject_lora(model, 2, 4, layers=[1], b_init_std=0.05, generator=torch.Generator().manual_seed(0))
+    torch.save(dict(lora={k: v.clone() for k, v in lora_state_dict(model).items()}, lora_config=lora_config(model),
+                    layers=[1], init_from=base, step=3, config={}), d / "ckpt.pt")
+    data.write_jsonl(str(d / "cases.jsonl"), [case, {**case, "id": "two"}])
+    return d
+
+
+# --- the model side --------------------------------------------------------------------------------------
+
+def test_target_loss_is_the_full_vocabulary_nll_after_the_cached_prefix(tok, planted):
+    model = Llama(planted["model"].config)
+    model.load_state_dict(planted["model"].state_dict())
+    model = model.double().eval().requires_grad_(False)  # float64: the two orders of summation agree to 1e-12
+    lay, target = planted["lay"], planted["target"]
+    head, W = attack.head_classes(model), model.embed_tokens.weight
+    assert len(head[0]) < 1000  # the shared zero rows are one class: the dedup path is the one under test
+    advs = [planted["adv0"], [planted["trigger"]] + planted["adv0"][1:]]
+    rest = torch.tensor(lay["tail"] + target[:-1])
+    embeds = torch.stack([W[torch.cat([torch.tensor(a), rest])] for a in advs])
+    got = attack.target_loss(model, head, attack.prefix_cache(model, lay["head"]), embeds, torch.tensor(target))
+    for a, loss in zip(advs, got):
+        ids = torch.tensor([lay["head"] + a + lay["tail"] + target])
+        logp = model(ids)[0][0, -len(target) - 1:-1].log_softmax(-1)
+        want = -logp.gather(-1, torch.tensor(target)[:, None]).mean()
+        assert abs(float(loss) - float(want)) < 1e-10
+
+
+def test_greedy_from_the_cached_prefix_is_generate(tok, planted):
+    model, lay = planted["model"], planted["lay"]
+    head, W = attack.head_classes(model), model.embed_tokens.weight
+    prefix = attack.prefix_cache(model, lay["head"])
+    for adv in (planted["adv0"], [planted["trigger"]] + planted["adv0"][1:]):
+        ours = attack.greedy(model, head, prefix, W[torch.tensor(adv + lay["tail"])][None], tok.stop_ids)[0]
+        theirs = generate(model, [lay["head"] + adv + lay["tail"]], attack.max_new_tokens, tok.stop_ids,
+                          pad_id=tok.pad_id)[0]
+        assert ours == theirs
+
+
+# --- GCG ----------------------------------------------------------------------------------------------------
+
+def test_a_gcg_step_reduces_the_target_loss(tok, case, planted):
+    model, lay, target = planted["model"], planted["lay"], planted["target"]
+    head, allowed, W = attack.head_classes(model), attack.allowed_tokens(tok, model), model.embed_tokens.weight
+    prefix = attack.prefix_cache(model, lay["head"])
+    rest = lay["tail"] + target[:-1]
+    loss = lambda adv: float(attack.target_loss(model, head, prefix, W[torch.tensor(adv + rest)][None],
+                                                torch.tensor(target)))
+    before = loss(planted["adv0"])
+    adv, reported = attack.gcg_step(model, head, tok, prefix, lay, planted["adv0"], target, allowed,
+                                    torch.Generator().manual_seed(0))
+    assert adv != planted["adv0"] and abs(reported - loss(adv)) < 1e-4
+    assert reported < before
+
+
+def test_the_one_hot_gradient_ranks_the_planted_token_in_its_top_k(tok, planted, monkeypatch):
+    model, lay, target = planted["model"], planted["lay"], planted["target"]
+    head, allowed, W = attack.head_classes(model), attack.allowed_tokens(tok, model), model.embed_tokens.weight
+    prefix = attack.prefix_cache(model, lay["head"])
+    a = W[torch.tensor(planted["adv0"])].clone().requires_grad_(True)
+    rest = W[torch.tensor(lay["tail"] + target[:-1])]
+    attack.target_loss(model, head, prefix, torch.cat([a, rest])[None], torch.tensor(target)).sum().backward()
+    monkeypatch.setattr(attack, "n_candidates", 2000)  # enough draws to see every (position, token) of the top-k
+    ranked = attack.candidates(a.grad, W, allowed, planted["adv0"], torch.Generator().manual_seed(0))
+    assert planted["trigger"] in ranked.flatten().tolist()
+    wrong_way = attack.candidates(-a.grad, W, allowed, planted["adv0"], torch.Generator().manual_seed(0))
+    assert planted["trigger"] not in wrong_way.flatten().tolist()
+
+
+def test_a_planted_easy_case_is_found(tok, case, planted):
+    model, lay = planted["model"], planted["lay"]
+    head, allowed = attack.head_classes(model), attack.allowed_tokens(tok, model)
+    rec = attack.gcg(model, head, tok, case, lay, planted["adv0"], planted["target"], allowed,
+                     torch.Generator().manual_seed(0))
+    assert rec["first_success"] is not None and rec["first_success"] > 0  # the starting string is refused
+    assert rec["outcome"] == "attacker_call"
+    sent = attack.replay(model, tok, case, lay, rec["string"])  # typed as text, through eval's path
+    assert sent["success"], sent["output"]
+
+
+def test_no_special_token_enters_a_candidate(tok, planted):
+    model = planted["model"]
+    allowed = attack.allowed_tokens(tok, model)
+    special = set(tok.special.values())
+    assert not special & set(allowed.tolist())
+    grad = torch.randn(N_ADV, model.config.dim, generator=torch.Generator().manual_seed(0))
+    W = model.embed_tokens.weight.clone()
+    W[min(special):] = -1e3 * grad[0]  # the special tokens now lead the one-hot gradient's ranking
+    cands = attack.candidates(grad, W, allowed, planted["adv0"], torch.Generator().manual_seed(0))
+    assert cands.shape == (attack.n_candidates, N_ADV)
+    assert set(cands.flatten().tolist()) <= set(allowed.tolist()) | set(planted["adv0"])
+
+
+def test_a_string_that_would_retokenize_differently_is_not_sent(tok, planted):
+    lay, adv0 = planted["lay"], planted["adv0"]
+    assert tok.encode(" !!") == [tok.encode(" !!")[0]]  # one token: ' !' then '!' typed as text becomes ' !!'
+    assert attack.sends_as_text(tok, lay, adv0)
+    assert not attack.sends_as_text(tok, lay, adv0[:-1] + tok.encode("!"))
+
+
+# --- the embedding attack -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+def test_the_embedding_attack_respects_its_budget(tok, case, monkeypatch, tmp_path, norm):
+    monkeypatch.setattr(attack, "embed_norm", norm)
+    monkeypatch.setattr(attack, "embed_lr", 0.6)  # big steps: the projection has work to do
+    model = Llama.from_pretrained(tiny_base(tmp_path / "base", n_layers=2, dim=16)).eval().requires_grad_(False)
+    lay, adv0, target = parts(tok, case)
+    allowed, head = attack.allowed_tokens(tok, model), attack.head_classes(model)
+    eps = attack.embed_budget(model, allowed)
+    gen = torch.Generator().manual_seed(0)
+    rec = attack.embedding_attack(model, head, tok, case, lay, adv0, target, allowed, eps, gen)
+    assert rec["first_success"] is None and rec["steps"] == attack.embed_steps  # a random model never calls a tool
+    E = model.embed_tokens.weight[allowed]
+    delta = rec["vectors"].reshape(-1, 1, E.shape[1]) - E  # every final vector against every real embedding
+    nearest = (delta.norm(dim=-1) if norm == "l2" else delta.abs().amax(-1)).min(-1).values
+    assert float(nearest.max()) <= eps * (1 + 1e-5)
+    assert float(nearest.max()) > 0.5 * eps  # the steps did leave the real embeddings: the budget was used
+    assert rec["distance"] <= eps * (1 + 1e-5)
+
+
+# --- the command --------------------------------------------------------------------------------------------
+
+def test_the_command_attacks_base_and_cb_and_writes_the_report(checkpoint, case, tok):
+    cases = checkpoint / "cases.jsonl"
+    out = checkpoint / "a.json"
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={cases}", f"--out={out}", "--n_adv=3", "--steps=2",
+            "--n_candidates=8", "--topk=4", "--embed_steps=2", "--embed_restarts=2", "--max_new_tokens=8")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    s = r["summary"]
+    assert s["gcg"]["base"]["overall"]["n"] == 2 and len(s["gcg"]["cb"]["overall"]["curve"]) == 3
+    assert len(s["embedding"]["cb"]["overall"]["curve"]) == 3 and s["transfer"]["overall"]["n"] == 2
+    assert [c["id"] for c in r["cases"]] == [case["id"], "two"]
+    assert r["cases"][0]["placement"] in ("user_turn", "tool_result")
+    assert all(c[m]["verified"] for c in r["cases"] for m in ("base", "cb"))
+    assert "[2/2]" in p.stdout
+
+
+def test_a_case_without_attacker_tool_stops_with_one_line(checkpoint, case):
+    cases = checkpoint / "bad.jsonl"
+    cases.write_text(json.dumps(case) + "\n" + json.dumps({k: v for k, v in case.items() if k != "attacker_tool"}))
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={cases}")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
+    assert f"{cases}:2" in p.stderr and "attacker_tool" in p.stderr
+
+
+@pytest.mark.parametrize("content", [b"not a checkpoint", None])
+def test_a_checkpoint_that_is_not_one_stops_with_one_line(checkpoint, tmp_path, content):
+    path = tmp_path / "ckpt.pt"
+    if content is None:
+        torch.save({"step": 1}, path)  # a torch file, but not train_cb.py's
+    else:
+        path.write_bytes(content)
+    p = run(str(path), f"--data={checkpoint / 'cases.jsonl'}")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
+    assert str(path) in p.stderr and "checkpoint" in p.stderr
