@@ -58,7 +58,11 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if not self.enabled:
             return y
-        h = self.dropout(x).to(self.lora_a.dtype)
+        h = self.dropout(x)
+        if not torch.is_autocast_enabled(x.device.type):
+            # without autocast the adapter runs in its own dtype; under autocast the matmuls cast their inputs to
+            # the autocast dtype anyway, so a float32 copy of the activation would be made only to be cast back
+            h = h.to(self.lora_a.dtype)
         delta = F.linear(F.linear(h, self.lora_a), self.lora_b) * self.scale
         return y + delta.to(y.dtype)
 
