@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import (Llama, LlamaConfig, ModelError, RMSNorm, flops_per_token, generate, rope_frequencies,
-                   save_pretrained)
+from model import (Llama, LlamaConfig, ModelError, RMSNorm, compile_blocks, flops_per_token, generate,
+                   rope_frequencies, save_pretrained)
 
 # head_dim 8 at theta 500000 has wavelengths 6.3, 167, 4443 and 118000 tokens: with an original context of 512
 # and factors 1 / 4, the first is kept, the last two slowed by 8, and 167 lies in the blended band (128, 512)
@@ -389,3 +389,56 @@ def test_save_pretrained_over_a_directory_is_all_or_nothing(tmp_path, monkeypatc
     save_pretrained(model, out, dtype=torch.float32)  # and a save that succeeds replaces it whole
     assert os.listdir(tmp_path) == ["model"] and sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert torch.equal(Llama.from_pretrained(out, dtype="float32").norm.weight, model.norm.weight.float())
+
+
+# --- regional compilation: each block compiled, one graph for all of them -----------------------------
+
+def lora_llama64(n_layers, seed=0):
+    from lora import inject_lora
+    model = tiny_llama64(seed, n_layers=n_layers).train()
+    inject_lora(model, r=4, lora_alpha=8, b_init_std=0.1, generator=torch.Generator().manual_seed(seed))
+    return model
+
+
+def test_compiled_blocks_share_one_graph_whatever_the_depth():
+    from torch._dynamo.utils import counters
+    from lora import adapters_off
+    graphs = []
+    for n_layers in (2, 4):
+        torch._dynamo.reset()
+        counters.clear()
+        model = compile_blocks(lora_llama64(n_layers), backend="eager")
+        for T in (5, 7):  # a second length: the graph turns length-generic once
+            ids = torch.randint(0, 97, (2, T), generator=torch.Generator().manual_seed(T))
+            with torch.no_grad(), adapters_off(model):
+                model(ids, hidden=True, logits=False)
+            model(ids, hidden=True, logits=False)[1].sum().backward()
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert list(model.state_dict()) == list(lora_llama64(n_layers).state_dict())  # keys as before
+    assert graphs[0] == graphs[1] > 0
+    torch._dynamo.reset()
+
+
+def test_a_step_through_compiled_blocks_equals_the_eager_step_in_float64():
+    from step import train_step
+    g = torch.Generator().manual_seed(3)
+    rows = lambda n: [dict(ids=torch.randint(1, 97, (T,), generator=g).tolist(), cb_mask=[0] * (T - 3) + [1] * 3,
+                           target_mask=[0] * (T - 4) + [1] * 4) for T in torch.randint(6, 12, (n,), generator=g)]
+    batches = dict(harmful=rows(4), retain=rows(4))
+    cfg = dict(layers=(1, 2), lorra_alpha=10.0, alpha_decay_multiplier=2.0, max_steps=150, batch_size=4,
+               grad_accum=2, retain_call_weight=6.0, retain_len=16, redirect_weight=0.0, grad_clip=1.0)
+    out = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model = lora_llama64(3)
+        if compiled:
+            compile_blocks(model, backend="aot_eager")  # autograd traced as inductor sees it, without codegen
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-2)
+        rec = train_step(model, model, opt, params, batches, 74, cfg, pad_id=0)
+        out.append((rec, [p.detach().clone() for p in params]))
+    (rec, p_eager), (rec_c, p_comp) = out
+    for k in ("loss_rr", "loss_retain", "gnorm"):
+        assert rec_c[k] == pytest.approx(rec[k], rel=1e-12, abs=0), k
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(p_eager, p_comp))
+    torch._dynamo.reset()
