@@ -1,67 +1,53 @@
 """
 Time nanocb's circuit-breaker training step against the original recipe, same work, one run.
 
-    python bench.py                    # CPU: organism-scale shapes, fp32 (about 2 minutes on 2 cores)
-    python bench.py --preset=8b        # one H100: Llama-3.1-8B shapes, random weights, bf16, torch.compile
-    python bench.py --preset=8b --dim=64 --n_heads=4 --n_kv_heads=2 --hidden_dim=128 --batch_size=4 \
-        --device=cpu --compile=False   # the 8b code path in miniature
+    python bench.py                           # CPU: organism-scale shapes, fp32
+    python bench.py --preset=8b               # one H100: Llama-3.1-8B shapes (random weights), bf16, torch.compile
+    python bench.py --preset=8b --compile_blocks --profile    # one compiled block for all; where the time goes
 
-Setup: `pip install -r requirements-dev.txt` (transformers and peft are bench/test-only dependencies).
-
-The reference is the original Llama-3 recipe written afresh here: transformers' LlamaForCausalLM with blocks
-above max(layers) dropped, peft LoRA (r 16, alpha 16, dropout 0.05) on q/k/v/o/gate/up/down of every kept block,
-gradient checkpointing, the original dataset's fixed padding (rerouting: request left-padded to 512 + response
-right-padded to 512; retain: left-padded to 1024), and the original compute_loss: frozen passes under
-disable_adapter(), output_hidden_states=True, retain over every stacked hidden state, rerouting over the target
-layers, one backward. nanocb's side is train_cb.py's step (frozen pass under adapters_off + no_grad, LoRA pass,
-one backward per term, dynamic right padding, no lm_head, rerouting passes that stop at max(layers)). Both see the same samples (the built-in tool data,
-tokenised with the real Llama 3 tokenizer), the same frozen weights (one copy in memory, shared), the same
-optimizer (AdamW, lr 1e-4, grad clip 1.0) and a step where both loss terms are active. After warm-up the two
-alternate, step by step, so a noisy machine slows both alike; figures are medians.
-
-What the figures count:
-- useful tokens: the samples' own tokens, no padding. Both sides do the same useful work.
-- MFU (headline): FLOPs of the useful tokens / step time / promised_flops, with 3x the forward FLOPs per token
-  (frozen forward + LoRA forward + backward through the activations; the frozen weights get no gradient),
-  through the blocks each term needs: blocks 0..max(layers)-1 for rerouting, every kept block for retain.
-  The same numerator for both, so the MFU ratio is the throughput ratio. mfu_processed counts instead the
-  padded tokens each side actually pushes through, through the blocks it runs (the reference runs every kept
-  block for both terms, and its lm_head forwards); neither counts the recomputation of gradient checkpointing.
-- peak memory: the memory the side's own weights, adapter and optimizer state hold, plus the peak growth during
-  its step. CUDA: max_memory_allocated after reset_peak_memory_stats. CPU: the process's resident-set high-water
-  mark (VmHWM), reset before every step through /proc/self/clear_refs, minus the resident set at the step's start;
-  measured in the last warm-up step, for which glibc is told to give blocks over 1 MiB back to the system at once
-  (so the high-water mark follows live tensors); the timed steps run with glibc's usual large-block threshold.
+nanocb's side is step.train_step, which train_cb.py runs, with train_cb.py's defaults and choice of samples; the
+reference is the original recipe in tests/original.py (transformers + peft). Same samples, same frozen weights (one
+copy in memory), both loss terms on; after warm-up the two alternate, so a noisy machine slows both alike. Figures
+are medians. Useful tokens: the samples' own, no padding. MFU: 3 forward passes' FLOPs per useful token (frozen and
+LoRA forward, backward through the activations) through the blocks each term needs. Peak memory: own weights,
+adapter and optimizer state plus the step's peak growth. First compile: the warm-up beyond as many timed steps.
 """
 
+import ast
 import ctypes
 import gc
 import json
+import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 
 import torch
 
 import data
-import losses
-import lora
-from lora import adapters_off, inject_lora
-from model import Llama, LlamaConfig, flops_per_token, rope_frequencies
+from lora import inject_lora
+from model import Llama, LlamaConfig, compile_blocks as compile_each_block, flops_per_token, rope_frequencies
+from step import StepError, coefficients, train_step
+from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
-# defaults; None = the preset's value
 preset = "8b" if torch.cuda.is_available() else "cpu"
 out = "bench.json"
 device = "cuda" if torch.cuda.is_available() else "cpu"
-dtype = None  # 'float32' | 'bfloat16': weights, and autocast for bfloat16
-compile = None  # torch.compile nanocb's model (the reference is run eagerly, as the original)
-threads = 0  # CPU threads for torch; 0 = torch's default. On a shared CPU, 1 avoids OpenMP threads spinning on each other
-# model shapes (random weights); n_layers is the depth of the base model, blocks 0..max(layers) are built
+reference = True  # time the original recipe too; False: nanocb alone (to compare its own settings)
+profile = False  # after the timing, profile 3 nanocb steps and print where the time goes
+# nanocb's side (the reference runs eagerly, as the original)
+compile = None  # torch.compile; None = the preset's
+compile_blocks = False  # compile each block (one graph serves all) in place of the whole model: a shorter compile
+compile_mode = ""  # torch.compile's mode, e.g. 'max-autotune-no-cudagraphs'; '' = its default
+grad_checkpoint = False
+grad_accum = 1  # micro-batches per step, each padded to its own longest (a step's batch is sorted by length)
+# shapes, random weights (None = the preset's); n_layers is the base's depth, blocks 0..max(layers) are built
+dtype = None  # 'float32' | 'bfloat16' (weights, and autocast)
 vocab_size = None
 dim = None
 n_layers = None
@@ -69,521 +55,314 @@ n_heads = None
 n_kv_heads = None
 hidden_dim = None
 layers = None  # target layers, HF hidden-state indexing
-# the step
-batch_size = None  # 16 rerouting + 16 retain samples per step, as the original's batch 16
-n_samples = 800  # tool-data samples generated (harmful share ~40%); batches are drawn as train_cb.py draws them
-coef_step = 75  # the schedule point timed: coefficients(75, 150, alpha 10) = c_rr 7.5, c_retain 2.5 (both active)
-n_warmup = None  # steps per side before timing (compile happens here)
+batch_size = None  # rerouting samples per step, and as many retain samples
+n_warmup = None  # steps per side before timing (the compile happens here)
 n_steps = None  # timed steps per side
-grad_checkpoint = None  # nanocb's switch (train_cb.py: off); on CUDA an out-of-memory warm-up retries with it on
-# the reference
-ref_request_len = 512
+n_samples = 800  # tool-data rows generated, about 40% harmful; steps draw their batches as train_cb.py does
+coef_step = 75  # the step timed, counted from 1 as the original: c_rr 7.5 and c_retain 2.5 at alpha 10
+ref_request_len = 512  # the reference's fixed padding
 ref_response_len = 512
 ref_retain_len = 1024
-ref_grad_checkpoint = True  # the original Llama-3 script trains with gradient checkpointing
-ref_lm_head = None  # the original's LlamaForCausalLM computes the logits on every pass; False skips them
-# nanocb levers, for measuring them here
-ours_pad_to = 0  # 0: dynamic padding (train_cb.py); N: pad every batch to N tokens, as a fixed-length dataset
-lr = 1e-4
-lora_r = 16
-lora_alpha = 16
-lora_dropout = 0.05
-lorra_alpha = 10.0
-max_steps = 150
+ref_lm_head = None  # None = the preset's; False skips the logits the original computes on every pass
 seed = 1337
 promised_flops = 989e12  # H100 SXM dense bf16
-exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
+if __name__ == "__main__":  # imported (tests), the settings keep their defaults
+    exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator.py")).read())
 # -----------------------------------------------------------------------------
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192}
 PRESETS = {
-    # organism scale: the embedded model organism's width, 6 blocks, the real vocabulary; fp32 on 2 cores.
-    # ref_lm_head False: 4 passes of 16 x 1024 tokens through a 128,256-way lm_head would cost the reference
-    # ~2 TFLOP and 8 GiB of logits per step here; leaving it out only flatters the reference.
+    # the organism's width, 6 blocks, fp32; without the logits (4 passes of 16 x 1024 tokens through a 128,256-way
+    # lm_head would cost the reference 8 GiB a step here: leaving them out only flatters the reference)
     "cpu": dict(dtype="float32", compile=False, vocab_size=128256, dim=128, n_layers=6, n_heads=4, n_kv_heads=2,
-                hidden_dim=384, layers=(2, 4), batch_size=16, n_warmup=1, n_steps=3, grad_checkpoint=False,
-                ref_lm_head=False),
+                hidden_dim=384, layers=(2, 4), batch_size=16, n_warmup=1, n_steps=3, ref_lm_head=False),
     # Llama-3.1-8B, blocks 0..20 of 32
     "8b": dict(dtype="bfloat16", compile=True, vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-               hidden_dim=14336, layers=(10, 20), batch_size=16, n_warmup=2, n_steps=6, grad_checkpoint=False,
-               ref_lm_head=True),
+               hidden_dim=14336, layers=(10, 20), batch_size=16, n_warmup=2, n_steps=6, ref_lm_head=True),
 }
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+HERE = os.path.dirname(os.path.abspath(__file__))
+PARTS = ("matmuls", "LoRA path", "attention", "norms", "RoPE", "casts", "optimizer", "other", "idle")
 
 
-def fail(msg):
-    sys.exit(f"bench.py: {msg}")
+def train_cb_recipe():
+    """The settings train_cb.py's settings block assigns literal values to (its defaults), read from its source."""
+    src = open(os.path.join(HERE, "train_cb.py")).read()
+    marks = [i + 1 for i, line in enumerate(src.splitlines()) if re.fullmatch(r"# -{3,}\s*", line)][:2]
+    recipe = {}
+    for node in ast.parse(src).body:
+        if isinstance(node, ast.Assign) and marks[0] < node.lineno < marks[1] and isinstance(node.targets[0], ast.Name):
+            try:
+                recipe[node.targets[0].id] = ast.literal_eval(node.value)
+            except ValueError:  # computed at run time (device, dtype, compile): not the recipe
+                pass
+    return recipe
 
 
-if preset not in PRESETS:
-    fail(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
-for k, v in PRESETS[preset].items():
-    if globals()[k] is None:
-        globals()[k] = config[k] = v
-layers = tuple(layers)
-if not layers or min(layers) < 0 or max(layers) >= n_layers:
-    fail(f"layers {layers} must be block indices of a {n_layers}-block model")
-if dtype not in ("float32", "bfloat16"):
-    fail(f"dtype must be 'float32' or 'bfloat16', got {dtype!r}")
-if min(batch_size, n_steps, n_warmup, n_samples) <= 0:
-    fail("batch_size, n_steps, n_warmup and n_samples must be positive (memory is measured in the last warm-up step)")
-
-tok = data.load_tokenizer()
-if vocab_size < tok.n_vocab:
-    fail(f"vocab_size {vocab_size} is smaller than the Llama 3 tokenizer's {tok.n_vocab} tokens the samples use")
-
-try:
-    import peft
-    import transformers
-except ImportError as e:
-    fail(f"{e.name} is missing: the reference needs transformers and peft (pip install -r requirements-dev.txt)")
-
-device_type = "cuda" if device.startswith("cuda") else "cpu"
-if threads > 0:
-    torch.set_num_threads(threads)
-if device_type == "cuda":
-    # two implementations of different shapes alternate in one process: growable segments keep the
-    # allocator from fragmenting between them (read when CUDA allocates first, which is below)
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-wdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-autocast = nullcontext() if wdtype == torch.float32 else torch.autocast(device_type, dtype=wdtype)
-n_keep = max(layers) + 1
-c_rr, c_retain = losses.coefficients(coef_step, max_steps, lorra_alpha)
-if not (c_rr > 0 and c_retain > 0):
-    fail(f"coef_step {coef_step} leaves a loss term at zero (c_rr {c_rr}, c_retain {c_retain}); time a step with both")
-log = lambda *a: print(*a, flush=True)
-t_start = time.time()
-log(f"bench: preset {preset}, {device} ({torch.get_num_threads()} threads), {dtype}, compile {compile}; blocks 0..{max(layers)} of {n_layers}, "
-    f"dim {dim}, target layers {layers}; batch {batch_size} rerouting + {batch_size} retain; "
-    f"c_rr {c_rr} c_retain {c_retain}")
+def category(op, kernel, shapes, lora_r):
+    """The part of the step a kernel (launched by operator `op`) or, on the CPU, an operator belongs to. A compiled
+    kernel is named after the operators it fuses (triton_poi_fused_<ops>_<n>); an eager one is told by its operator,
+    a library kernel also by its own name. A matmul with the LoRA rank among its inputs' dimensions is the LoRA
+    path's, and so is dropout, which only the LoRA path has."""
+    k = kernel.lower()
+    words = set(re.split(r"[^a-z0-9]+", (k if k.startswith("triton") else op.lower())))
+    if words & {"adam", "adamw", "foreach", "optimizer"} or "multi_tensor" in k:
+        return "optimizer"
+    if words & {"flash", "attention", "fmha", "sdpa"} or "flash" in k or "fmha" in k:
+        return "attention"
+    if words & {"mm", "addmm", "bmm", "matmul", "linear"} or any(s in k for s in ("gemm", "nvjet", "cutlass")):
+        return "LoRA path" if any(lora_r in s for s in shapes if len(s) == 2) else "matmuls"
+    if words & {"dropout", "bernoulli"}:
+        return "LoRA path"
+    if words & {"rsqrt", "rms"}:
+        return "norms"
+    if words & {"cos", "sin"} or {"neg", "cat"} <= words:
+        return "RoPE"
+    plain = {"", "aten", "triton", "poi", "fused", "to", "copy", "clone"} | set(map(str, range(100)))
+    return "casts" if "memcpy" not in k and words & {"to", "copy"} and words <= plain else "other"
 
 
-# --- memory: per-step peaks for either side in one process -----------------------------------------------------
-try:
-    _libc = ctypes.CDLL("libc.so.6") if device_type == "cpu" else None
-except OSError:
-    _libc = None
+def breakdown(events, wall_s, steps, lora_r):
+    """Seconds per step by part of the step, and the 12 costliest kernels (CPU: operators), from the profiler's
+    events of `steps` steps that took wall_s. 'idle': wall time with nothing running on the device (Python,
+    launches, synchronisation, the profiler's own overhead)."""
+    parts, top = dict.fromkeys(PARTS, 0.0), {}
+    timed = [(e.name, k.name, e.input_shapes or [], k.duration) for e in events for k in e.kernels]  # CUDA
+    if not timed:  # CPU: each operator's own time, its children's excluded
+        timed = [(e.name, "", e.input_shapes or [], e.self_cpu_time_total) for e in events if e.self_cpu_time_total]
+    for op, kernel, shapes, us in timed:
+        part = category(op, kernel, shapes, lora_r)
+        parts[part] += us / 1e6 / steps
+        top[(kernel or op)[:90], part] = top.get(((kernel or op)[:90], part), 0.0) + us / 1e6 / steps
+    parts["idle"] = max(0.0, wall_s / steps - sum(parts.values()))
+    return parts, sorted(top.items(), key=lambda kv: -kv[1])[:12]
 
 
-def cpu_malloc(measuring):
-    """glibc's mmap threshold. Measuring: 1 MiB, so a freed tensor leaves the resident set at once and the
-    high-water mark follows live tensors. Timing: 32 MiB with a 64 MiB trim threshold, where glibc's own
-    adaptive threshold settles once large blocks have been freed, so no side pays page faults it would not."""
-    if _libc is not None:
-        _libc.mallopt(-3, (1 if measuring else 32) << 20)  # M_MMAP_THRESHOLD
-        _libc.mallopt(-1, (2 if measuring else 64) << 20)  # M_TRIM_THRESHOLD
-
-
-def _proc_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise OSError(field)
-
-
-def mem_reset():
-    """Start a measured phase; returns the bytes in use now."""
-    if device_type == "cuda":
+def mem_start(cuda, measuring):
+    """Start a step -> the bytes in use now (None where unreadable). On the CPU the resident set's high-water mark
+    is reset (/proc/self/clear_refs), and glibc hands blocks over 1 MiB straight back while measuring, so that the
+    mark follows live tensors; it keeps its usual threshold while timing, so no side pays page faults it would not."""
+    if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         return torch.cuda.memory_allocated()
     gc.collect()
-    if _libc is not None:
-        _libc.malloc_trim(0)
     try:
+        libc = ctypes.CDLL(None)  # the process's own symbols: glibc's, on a glibc system
+        libc.mallopt(-3, (1 if measuring else 32) << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, (2 if measuring else 64) << 20)  # M_TRIM_THRESHOLD
+        libc.malloc_trim(0)
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the resident-set high-water mark to the current resident set
-        return _proc_kib("VmRSS") * 1024
-    except OSError:
+            f.write("5")
+        return proc_bytes("VmRSS")
+    except (AttributeError, OSError, StopIteration):  # no glibc, no /proc
         return None
 
 
-def mem_peak():
-    if device_type == "cuda":
-        return torch.cuda.max_memory_allocated()
-    try:
-        return _proc_kib("VmHWM") * 1024
-    except OSError:
-        return None
+def proc_bytes(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(field + ":"))
 
 
-def tensor_bytes(tensors):
-    seen, n = set(), 0
-    for t in tensors:
-        if t.data_ptr() not in seen:
-            seen.add(t.data_ptr())
-            n += t.numel() * t.element_size()
-    return n
+def nbytes(tensors):
+    return sum(t.numel() * t.element_size() for t in {t.data_ptr(): t for t in tensors}.values())
 
 
-def optimizer_bytes(opt):
-    return tensor_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0)
+def main():
+    g = globals()
+    if preset not in PRESETS:
+        fail(f"unknown preset {preset!r} (presets: {', '.join(PRESETS)})")
+    for k, v in PRESETS[preset].items():
+        if g[k] is None:
+            g[k] = config[k] = v
+    n_keep = max(layers) + 1
+    if min(layers) < 0 or n_keep > n_layers or dtype not in ("float32", "bfloat16"):
+        fail(f"need layers in 0..n_layers-1 ({n_layers}) and dtype float32 or bfloat16; got {layers}, {dtype!r}")
+    if min(batch_size, n_steps, n_warmup, n_samples) <= 0 or batch_size % grad_accum:
+        fail("batch_size, n_steps, n_warmup and n_samples must be positive (memory is measured in the last warm-up "
+             "step), and batch_size divisible by grad_accum")
+    recipe = dict(train_cb_recipe(), layers=tuple(layers), batch_size=batch_size, grad_accum=grad_accum)
+    c_rr, c_retain = coefficients(coef_step - 1, recipe)
+    if not (c_rr > 0 and c_retain > 0):
+        fail(f"coef_step {coef_step} leaves a loss term at zero (c_rr {c_rr}, c_retain {c_retain})")
+    tok = data.load_tokenizer()
+    if vocab_size < tok.n_vocab:
+        fail(f"vocab_size {vocab_size} is smaller than the Llama 3 tokenizer's {tok.n_vocab} tokens the samples use")
+    if reference:
+        try:
+            sys.path.insert(0, os.path.join(HERE, "tests"))
+            import original  # the original recipe on transformers + peft
+        except ImportError as e:
+            fail(f"{e.name} is missing: the reference needs transformers and peft (pip install -r "
+                 "requirements-dev.txt); --reference=False times nanocb alone")
+    cuda = device.startswith("cuda")
+    if cuda:  # two implementations alternate in one process: growable segments keep the allocator from fragmenting
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    wdtype = getattr(torch, dtype)
+    autocast = nullcontext() if wdtype == torch.float32 else torch.autocast("cuda" if cuda else "cpu", dtype=wdtype)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    log = lambda *a: print(*a, flush=True)
+    t_start = time.time()
+    how = (" per block" if compile_blocks else "") + (f" ({compile_mode})" if compile_mode else "") if compile else ""
+    log(f"bench: preset {preset}, {device} ({torch.get_num_threads()} threads), {dtype}, compile {compile}{how}; "
+        f"blocks 0..{max(layers)} of {n_layers}, dim {dim}, target layers {tuple(layers)}; batch {batch_size} "
+        f"rerouting + {batch_size} retain in {grad_accum} micro-batch(es); c_rr {c_rr} c_retain {c_retain}")
 
-
-# --- the frozen base: built on the device in its dtype (an 8B model never passes through the CPU) ----------------
-def init_(p, g):
-    with torch.no_grad():
-        if p.dim() >= 2:
-            p.normal_(0.0, 0.02, generator=g)
-        else:
-            p.fill_(1.0)  # RMSNorm weights
-
-
-cfg = LlamaConfig(vocab_size=vocab_size, dim=dim, n_layers=n_keep, n_heads=n_heads, n_kv_heads=n_kv_heads,
-                  hidden_dim=hidden_dim, rope_scaling=dict(LLAMA3_ROPE))
-gen = torch.Generator(device=device).manual_seed(seed)
-torch.set_default_dtype(wdtype)
-try:
+    # --- the frozen base, built on the device in its dtype (an 8B model never passes through the CPU) ----------
+    gen = torch.Generator(device=device).manual_seed(seed)
+    init = lambda p: p.normal_(0.0, 0.02, generator=gen) if p.dim() >= 2 else p.fill_(1.0)  # norms: 1
+    cfg = LlamaConfig(vocab_size=vocab_size, dim=dim, n_layers=n_keep, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                      hidden_dim=hidden_dim, rope_scaling=dict(LLAMA3_ROPE))
     with torch.device("meta"):
         model = Llama(cfg)
-finally:
-    torch.set_default_dtype(torch.float32)
-model.base_n_layers = n_layers
-model.lm_head = None  # blocks 0..max(layers) only: the lm_head is never computed in training
-model.to_empty(device=device)
-for name, p in model.named_parameters():
-    init_(p, gen)
-model.inv_freq = rope_frequencies(cfg).to(device)  # the one computed on meta holds no data
-base_weights = dict(model.named_parameters())  # 'layers.0.self_attn.q_proj.weight' -> Parameter
-log(f"base: {sum(p.numel() for p in base_weights.values()) / 1e6:,.1f}M parameters on {device} "
-    f"({time.time() - t_start:.0f} s)")
+    model.lm_head = None  # training never computes the logits
+    model = model.to(wdtype).to_empty(device=device)
+    with torch.no_grad():
+        for p in model.parameters():
+            init(p)
+    model.inv_freq, model.base_n_layers = rope_frequencies(cfg).to(device), n_layers  # meta's holds no data
+    params = inject_lora(model, recipe["lora_r"], recipe["lora_alpha"], recipe["lora_dropout"],
+                         b_init_std=recipe["lora_b_init_std"], generator=torch.Generator().manual_seed(seed))
+    model.to(device).train()
+    model.grad_checkpoint = grad_checkpoint
+    mode = dict(mode=compile_mode) if compile_mode else {}
+    fmodel = (compile_each_block(model, **mode) if compile_blocks else torch.compile(model, **mode)) if compile \
+        else model
+    optimizer = torch.optim.AdamW(params, lr=recipe["lr"], betas=(recipe["beta1"], recipe["beta2"]),
+                                  weight_decay=recipe["weight_decay"], fused=cuda)
 
-# --- nanocb: train_cb.py's model and optimizer -----------------------------------------------------------------
-params = inject_lora(model, lora_r, lora_alpha, lora_dropout, b_init_std=1e-3,
-                     generator=torch.Generator().manual_seed(seed))
-model.to(device)
-model.grad_checkpoint = grad_checkpoint
-model.train()
-fmodel = torch.compile(model) if compile else model
-optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0, fused=device_type == "cuda")
+    # --- the same samples for both, drawn as train_cb.py draws them ---------------------------------------------
+    rows = data.generate_splits(seed=seed, n_train=n_samples, n_val=0, n_test=0)["train"]
+    harmful = [data.encode_sample(tok, r, recipe["cb_mask"]) for r in rows if r["kind"] == "harmful"]
+    retain = [data.encode_sample(tok, r, recipe["cb_mask"]) for r in rows if r["kind"] != "harmful"
+              and (recipe["retain_injected"] or r["attacker_tool"] is None)]
+    if not harmful or not retain:
+        fail(f"n_samples {n_samples} gives {len(harmful)} harmful and {len(retain)} retain samples; raise it")
+    batches = [dict(harmful=data.step_batch(harmful, i, batch_size, seed, salt=0),
+                    retain=data.step_batch(retain, i, batch_size, seed, salt=1)) for i in range(n_warmup + n_steps)]
+    flops = lambda B, T, blocks: 3 * B * T * flops_per_token(cfg, T, n_layers=blocks)
+    micro, work = batch_size // grad_accum, []  # work: per step, useful and each side's processed tokens and FLOPs
+    for b in batches:
+        terms = ((b["harmful"], max(layers)), (b["retain"], n_keep))  # rerouting stops below block max(layers)
+        ours = [(len(mb), max(len(e["ids"]) for e in mb), n) for batch, n in terms
+                for mb in (batch[i:i + micro] for i in range(0, batch_size, micro))]
+        ref = [(batch_size, ref_request_len + ref_response_len, n_keep), (batch_size, ref_retain_len, n_keep)]
+        head = 2 * 2 * sum(B * T for B, T, _ in ref) * dim * vocab_size if ref_lm_head else 0  # 2 forwards' logits
+        work.append(dict(useful=sum(len(e["ids"]) for batch, _ in terms for e in batch),
+                         useful_flops=sum(flops(1, len(e["ids"]), n) for batch, n in terms for e in batch),
+                         nanocb=(sum(B * T for B, T, _ in ours), sum(flops(*s) for s in ours)),
+                         reference=(sum(B * T for B, T, _ in ref), sum(flops(*s) for s in ref) + head)))
 
+    def nanocb(i):
+        try:  # dynamic as train_cb.py: one length-generic graph for the whole model
+            rec = train_step(model, fmodel, optimizer, params, batches[i], coef_step - 1, recipe, tok.pad_id,
+                             device, autocast, dynamic=compile and not compile_blocks)
+        except StepError as e:
+            fail(str(e))
+        return rec["loss_rr"], rec["loss_retain"]
 
-def hidden_states(ids, frozen, stop=None):
-    if compile:
-        # lengths change every batch: compile the length-generic graph at once instead of one per length first
-        torch._dynamo.maybe_mark_dynamic(ids, 1)
-    if frozen:
-        with torch.no_grad(), adapters_off(model):
-            return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
-    return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
+    sides = dict(nanocb=nanocb)
+    if reference:
+        ref_model, ref_params, ref_opt = original.setup(model, recipe["lora_r"], recipe["lora_alpha"],
+                                                        recipe["lora_dropout"], recipe["lr"],
+                                                        (recipe["beta1"], recipe["beta2"]), init)
+        ref_inputs = [original.inputs(b["harmful"], b["retain"], tok.pad_id, ref_request_len, ref_response_len,
+                                      ref_retain_len) for b in batches]
+        sides["reference"] = lambda i: [l.item() for l in original.trainer_step(
+            ref_model, ref_opt, ref_params, {k: v.to(device) for k, v in ref_inputs[i][0].items()}, layers,
+            recipe["lorra_alpha"], coef_step, autocast, ref_lm_head)]
+        log(f"reference: {sum(p.numel() for p in ref_params):,} LoRA parameters (nanocb: "
+            f"{sum(p.numel() for p in params):,}); lm_head {'on' if ref_lm_head else 'off'}, gradient "
+            f"checkpointing; {sum(c for _, c in ref_inputs)} sequences cut to its fixed lengths, as the original")
+    log(f"data: {len(harmful)} harmful / {len(retain)} retain samples; a step holds "
+        f"{statistics.mean(w['useful'] for w in work):,.0f} useful tokens, padded to "
+        + " and ".join(f"{statistics.mean(w[s][0] for w in work):,.0f} by {s}" for s in sides))
 
+    # --- warm-up, then alternate -------------------------------------------------------------------------------
+    runs = {s: [] for s in sides}
+    for i in range(n_warmup + n_steps):
+        for side, run in sides.items():
+            measuring = i >= n_warmup if cuda else i == n_warmup - 1
+            start = mem_start(cuda, measuring)
+            sync()
+            t0 = time.perf_counter()
+            l_rr, l_ret = run(i)
+            sync()
+            dt = time.perf_counter() - t0
+            peak = (torch.cuda.max_memory_allocated() if cuda else proc_bytes("VmHWM")) \
+                if measuring and start is not None else None
+            if not (math.isfinite(l_rr) and math.isfinite(l_ret)):
+                fail(f"{side} step {i}: a loss is not finite (rerouting {l_rr}, retain {l_ret})")
+            runs[side].append(dict(s=dt, growth=None if peak is None else max(0, peak - start)))
+            log(f"{'warm-up' if i < n_warmup else 'timed'} step {i}: {side:9s} {dt:8.3f} s  loss_rr {l_rr:.4f} "
+                f"loss_retain {l_ret:.4f}  ({time.time() - t_start:.0f} s)")
 
-def ours_step(b):
-    """train_cb.py's step at grad_accum 1 on one process: one backward per term, clip, AdamW."""
-    r, h = {k: v.to(device, non_blocking=True) for k, v in b["retain"].items()}, \
-        {k: v.to(device, non_blocking=True) for k, v in b["harmful"].items()}
-    with autocast:
-        frozen_h = hidden_states(r["ids"], frozen=True)
-        lora_h = hidden_states(r["ids"], frozen=False)
-        l_ret = losses.retain_loss(lora_h, frozen_h, r["attn"])
-    (c_retain * l_ret).backward()
-    del frozen_h, lora_h
-    with autocast:
-        frozen_h = hidden_states(h["ids"], frozen=True, stop=max(layers))[list(layers)]
-        lora_h = hidden_states(h["ids"], frozen=False, stop=max(layers))[list(layers)]
-        l_rr = losses.rerouting_loss(lora_h, frozen_h, h["cb_mask"])
-    (c_rr * l_rr).backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return l_rr.detach(), l_ret.detach()
+    # --- figures: own memory is weights, adapter and optimizer state (without its logits the reference is not
+    # charged for the lm_head's weights either) -------------------------------------------------------------------
+    state = lambda opt: [v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim() > 0]
+    own = dict(nanocb=nbytes(list(model.parameters()) + state(optimizer)))
+    if reference:
+        own["reference"] = nbytes([p for n, p in ref_model.named_parameters() if ref_lm_head or "lm_head" not in n]
+                                  + state(ref_opt))
+    fig = {}
+    for side, rs in runs.items():
+        med = lambda f: statistics.median(f(r, w) for r, w in zip(rs[n_warmup:], work[n_warmup:]))
+        growth = [r["growth"] for r in rs if r["growth"] is not None]
+        fig[side] = f = dict(step_s=med(lambda r, w: r["s"]), steps_s=[round(r["s"], 4) for r in rs],
+                             useful_tokens_per_s=med(lambda r, w: w["useful"] / r["s"]),
+                             useful_tokens_per_step=med(lambda r, w: w["useful"]),
+                             processed_tokens_per_step=med(lambda r, w: w[side][0]),
+                             mfu=med(lambda r, w: w["useful_flops"] / r["s"] / promised_flops),
+                             mfu_processed=med(lambda r, w: w[side][1] / r["s"] / promised_flops),
+                             peak_mem_gib=(own[side] + max(growth)) / 2**30 if growth else None,
+                             own_mem_gib=own[side] / 2**30)
+        if compile and side == "nanocb":  # the reference runs eagerly
+            f["first_compile_s"] = sum(r["s"] for r in rs[:n_warmup]) - n_warmup * f["step_s"]
+    ratio = {k: fig["nanocb"][k] / fig["reference"][k] if reference and fig["nanocb"][k] and fig["reference"][k]
+             else None for k in ("step_s", "useful_tokens_per_s", "peak_mem_gib")}
+    table = [("step time (median)", "step_s", "{:.3f} s"), ("useful tokens/s", "useful_tokens_per_s", "{:,.0f}"),
+             ("processed (padded) tokens/step", "processed_tokens_per_step", "{:,.0f}")] + [
+        ("MFU, useful tokens", "mfu", "{:.1%}"), ("MFU, processed tokens", "mfu_processed", "{:.1%}")] * cuda + [
+        ("peak memory", "peak_mem_gib", "{:.3f} GiB"), ("  own weights+adapter+optimizer", "own_mem_gib", "{:.3f} GiB"),
+        ("first compile (warm-up - steps)", "first_compile_s", "{:.1f} s")]  # MFU against an H100: not on a CPU
+    log(f"\n{'':32s}" + "".join(f"{s:>14s}" for s in fig) + ("    nanocb/ref" if reference else ""))
+    for name, key, form in table:
+        cells = "".join(f"{'n/a' if fig[s].get(key) is None else form.format(fig[s][key]):>14s}" for s in fig)
+        log(f"{name:32s}{cells}" + (f"{ratio[key]:13.2f}x" if ratio.get(key) is not None else ""))
+    log(f"(medians of {n_steps} {'alternating ' if reference else ''}steps after {n_warmup} warm-up)")
+    report = dict(preset=preset, date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
+                  machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
+                               torch_threads=torch.get_num_threads(),
+                               device=torch.cuda.get_device_name() if cuda else "cpu"),
+                  config=config, recipe=recipe, coefficients=dict(step=coef_step, c_rr=c_rr, c_retain=c_retain),
+                  blocks=n_keep, base_blocks=n_layers, **fig, ratio=ratio, total_s=time.time() - t_start)
+    atomic_write(out, json.dumps(report, indent=1))
+    log(f"wrote {out} ({time.time() - t_start:.0f} s in all)")
 
-
-# --- the reference: transformers + peft on the same weights ----------------------------------------------------
-hf_dict = cfg.to_hf()
-for k in ("torch_dtype", "bos_token_id", "eos_token_id"):
-    hf_dict.pop(k)
-hf_cfg = transformers.LlamaConfig(**hf_dict)  # num_hidden_layers = max(layers) + 1: the original's drop_layers_after
-hf_cfg._attn_implementation = "sdpa"  # transformers' default, which the original ran with
-torch.set_default_dtype(wdtype)
-try:
-    with torch.device("meta"):
-        hf = transformers.LlamaForCausalLM(hf_cfg)
-finally:
-    torch.set_default_dtype(torch.float32)
-for name, p in list(hf.named_parameters()):
-    owner_name, _, attr = name.rpartition(".")
-    owner = hf.get_submodule(owner_name)
-    shared = base_weights.get(name.removeprefix("model."))
-    if shared is not None:  # the very tensor nanocb uses: one copy of the frozen weights, identical on both sides
-        if tuple(shared.shape) != tuple(p.shape):
-            fail(f"{name}: shape {tuple(p.shape)} in transformers, {tuple(shared.shape)} in nanocb")
-        setattr(owner, attr, shared)
-    else:  # lm_head: the reference's own
-        new = torch.nn.Parameter(torch.empty(p.shape, device=device, dtype=wdtype), requires_grad=False)
-        init_(new, gen)
-        setattr(owner, attr, new)
-with torch.device(device):  # its buffers were built on meta
-    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf_cfg)
-left_on_meta = [n for n, t in list(hf.named_parameters()) + list(hf.named_buffers()) if t.is_meta]
-if left_on_meta:
-    fail(f"transformers model: {left_on_meta[0]} was not materialised (transformers {transformers.__version__})")
-ref = peft.get_peft_model(hf, peft.LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                                              target_modules=list(lora.TARGETS), layers_to_transform=list(range(n_keep)),
-                                              bias="none", task_type="CAUSAL_LM"))
-ref.to(device)
-if ref_grad_checkpoint:
-    with warnings.catch_warnings():  # transformers 5 renames it, and warns; 4.x has only this name
-        warnings.simplefilter("ignore", FutureWarning)
-        hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-ref_params = [p for p in ref.parameters() if p.requires_grad]
-ref_optimizer = torch.optim.AdamW(ref_params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)  # the Trainer's adamw_torch
-
-
-def ref_hidden(**inputs):
-    # the whole LlamaForCausalLM (logits included, as the original) or its body alone
-    if ref_lm_head:
-        return ref(**inputs, output_hidden_states=True).hidden_states
-    return ref.get_base_model().model(**inputs, output_hidden_states=True).hidden_states
-
-
-def original_compute_loss(b):
-    """The original recipe's compute_loss, step for step."""
-    retain_ids, retain_attn = b["retain_ids"], b["retain_attn"]
-    cb_ids, cb_attn = b["cb_ids"], b["cb_attn"]
-    n_target = len(layers)
-    cb_layer_mask = cb_attn.repeat(n_target, 1, 1).unsqueeze(-1)  # (L_target, B, T, 1)
-    with ref.disable_adapter():
-        ref.eval()
-        with torch.no_grad():
-            frozen = ref_hidden(input_ids=retain_ids, attention_mask=retain_attn)
-            frozen_retain = torch.stack(frozen).detach()
-            retain_layer_mask = retain_attn.repeat(len(frozen), 1, 1).unsqueeze(-1)  # (L_all, B, T, 1)
-            frozen_retain *= retain_layer_mask
-            del frozen
-            frozen = ref_hidden(input_ids=cb_ids, attention_mask=cb_attn)
-            frozen_cb = torch.stack([frozen[l].detach() for l in layers])
-            del frozen
-    ref.train()
-    lora = ref_hidden(input_ids=retain_ids, attention_mask=retain_attn)
-    lora_retain = torch.stack(lora) * retain_layer_mask
-    del lora
-    retain_loss = torch.norm(lora_retain - frozen_retain, dim=-1, p=2, dtype=torch.float).nanmean()
-    lora = ref_hidden(input_ids=cb_ids, attention_mask=cb_attn)
-    lora_cb = torch.stack([lora[l] for l in layers])
-    del lora
-    unit_lora = lora_cb / torch.norm(lora_cb, dim=-1, keepdim=True, dtype=torch.float)
-    unit_frozen = frozen_cb / torch.norm(frozen_cb, dim=-1, keepdim=True, dtype=torch.float)
-    cb_loss = torch.relu((unit_lora * unit_frozen * cb_layer_mask).sum(dim=-1)).sum() / cb_layer_mask.sum()
-    return c_retain * retain_loss + c_rr * cb_loss, cb_loss.detach(), retain_loss.detach()
-
-
-def ref_step(b):
-    """The Hugging Face Trainer's step around it: autocast, one backward, clip to 1.0, AdamW."""
-    b = {k: v.to(device, non_blocking=True) for k, v in b.items()}
-    with autocast:
-        loss, l_rr, l_ret = original_compute_loss(b)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(ref_params, 1.0)
-    ref_optimizer.step()
-    ref_optimizer.zero_grad(set_to_none=True)
-    return l_rr, l_ret
-
-
-log(f"reference: transformers {transformers.__version__} + peft {peft.__version__}, "
-    f"{sum(p.numel() for p in ref_params):,} LoRA parameters (nanocb: {sum(p.numel() for p in params):,}); "
-    f"lm_head {'on' if ref_lm_head else 'off'}, gradient checkpointing {'on' if ref_grad_checkpoint else 'off'} "
-    f"({time.time() - t_start:.0f} s)")
-
-# --- the same samples for both ---------------------------------------------------------------------------------
-rows = data.generate_splits(seed=seed, n_train=n_samples, n_val=0, n_test=0)["train"]
-encoded = [data.encode_sample(tok, r) for r in rows]
-harmful = [e for e, r in zip(encoded, rows) if r["kind"] == "harmful"]
-retain = [e for e, r in zip(encoded, rows) if r["kind"] != "harmful"]
-if not harmful or not retain:
-    fail(f"n_samples {n_samples} gives {len(harmful)} harmful and {len(retain)} other samples; raise it")
-truncated = 0
+    if profile:  # after the figures are safe on disk; lengths already compiled for
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        pick = [n_warmup + k % n_steps for k in range(3)]
+        with torch_profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []),
+                           record_shapes=True) as prof:
+            sync()
+            t0 = time.perf_counter()
+            for i in pick:
+                nanocb(i)
+            sync()
+            wall = time.perf_counter() - t0
+        parts, top = breakdown(prof.events(), wall, len(pick), recipe["lora_r"])
+        log(f"\nprofile: {len(pick)} nanocb steps, {wall / len(pick):.3f} s a step under the profiler; "
+            f"{'device kernel' if cuda else 'operator'} time by part of the step:")
+        for part, s in parts.items():
+            log(f"  {part:12s} {s:9.4f} s {s / (wall / len(pick)):7.1%}")
+        log("costliest " + ("kernels:" if cuda else "operators:"))
+        for (name, part), s in top:
+            log(f"  {s:9.4f} s  {part:10s} {name}")
+        report["profile"] = dict(steps=len(pick), step_s=wall / len(pick), parts=parts,
+                                 top=[dict(name=n, part=p, s=s) for (n, p), s in top])
+        atomic_write(out, json.dumps(report, indent=1))
 
 
-def fixed(ids, length, left):
-    """The original dataset's tokenizer call: truncate the end to `length`, pad on the left or the right."""
-    global truncated
-    truncated += len(ids) > length
-    ids = ids[:length]
-    pad = [tok.pad_id] * (length - len(ids))
-    attn = [0] * len(pad)
-    return (pad + ids, attn + [1] * len(ids)) if left else (ids + pad, [1] * len(ids) + attn)
-
-
-def step_batches(i):
-    bh = data.step_batch(harmful, i, batch_size, seed, salt=0)
-    br = data.step_batch(retain, i, batch_size, seed, salt=1)
-    ours_b = dict(harmful=data.collate(bh, tok.pad_id), retain=data.collate(br, tok.pad_id))
-    if ours_pad_to:
-        for b in ours_b.values():
-            extra = ours_pad_to - b["ids"].shape[1]
-            if extra < 0:
-                fail(f"ours_pad_to {ours_pad_to} is shorter than a {b['ids'].shape[1]}-token sample")
-            for k, v in b.items():
-                b[k] = torch.nn.functional.pad(v, (0, extra), value=tok.pad_id if k == "ids" else 0)
-    cb, ret = [], []
-    for e in bh:
-        n_prompt = e["target_mask"].index(1)  # the completion's first token
-        request, response = fixed(e["ids"][:n_prompt], ref_request_len, left=True), \
-            fixed(e["ids"][n_prompt:], ref_response_len, left=False)
-        cb.append((request[0] + response[0], request[1] + response[1]))
-    for e in br:
-        ret.append(fixed(e["ids"], ref_retain_len, left=True))
-    t = lambda xs: torch.tensor(xs, dtype=torch.long)
-    ref_b = dict(cb_ids=t([c[0] for c in cb]), cb_attn=t([c[1] for c in cb]),
-                 retain_ids=t([r[0] for r in ret]), retain_attn=t([r[1] for r in ret]))
-    useful = sum(len(e["ids"]) for e in bh + br)
-    # the rerouting term needs blocks 0..max(layers)-1, the retain term every kept block
-    n_rr, n_ret = max(layers), n_keep
-    useful_flops = sum(3 * len(e["ids"]) * flops_per_token(cfg, len(e["ids"]), n_layers=n)
-                       for batch, n in ((bh, n_rr), (br, n_ret)) for e in batch)
-    processed = {}
-    for side, shapes in (("ours", [(*ours_b["harmful"]["ids"].shape, n_rr), (*ours_b["retain"]["ids"].shape, n_ret)]),
-                         ("reference", [(*ref_b["cb_ids"].shape, n_keep), (*ref_b["retain_ids"].shape, n_keep)])):
-        tokens = sum(B * T for B, T, _ in shapes)
-        flops = sum(3 * B * T * flops_per_token(cfg, T, n_layers=n) for B, T, n in shapes)
-        if side == "reference" and ref_lm_head:
-            flops += 2 * tokens * 2 * dim * vocab_size  # the logits of the frozen and LoRA forwards
-        processed[side] = (tokens, flops)
-    return dict(ours=ours_b, reference=ref_b, useful=useful, useful_flops=useful_flops, processed=processed)
-
-
-batches = [step_batches(i) for i in range(n_warmup + n_steps)]
-if truncated:
-    log(f"note: {truncated} sequences were longer than the reference's fixed lengths and were cut, as the original cuts them")
-log(f"data: {len(harmful)} harmful / {len(retain)} retain samples; a step holds "
-    f"{statistics.mean(b['useful'] for b in batches):,.0f} useful tokens, padded to "
-    f"{statistics.mean(b['processed']['ours'][0] for b in batches):,.0f} by nanocb and "
-    f"{statistics.mean(b['processed']['reference'][0] for b in batches):,.0f} by the reference")
-
-
-# --- run: warm-up, then alternate ------------------------------------------------------------------------------
-def sync():
-    if device_type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(side, i):
-    fn = ours_step if side == "ours" else ref_step
-    cpu_malloc(measuring=i == n_warmup - 1)  # CPU memory is measured in the last warm-up step, time after it
-    start_mem = mem_reset()
-    sync()
-    t0 = time.perf_counter()
-    l_rr, l_ret = fn(batches[i][side])
-    sync()
-    dt = time.perf_counter() - t0
-    peak = mem_peak()
-    l_rr, l_ret = l_rr.item(), l_ret.item()
-    if not (l_rr == l_rr and l_ret == l_ret):  # NaN
-        fail(f"{side} step {i}: a loss is NaN (rerouting {l_rr}, retain {l_ret})")
-    delta = None if start_mem is None or peak is None else max(0, peak - start_mem)
-    return dict(time_s=dt, mem_delta=delta, loss_rr=l_rr, loss_retain=l_ret)
-
-
-mem_deltas = {"ours": [], "reference": []}  # CUDA: every timed step; CPU: the last warm-up step
-
-
-def ours_warmup(i):
-    """The first nanocb step (compiles on CUDA). Out of memory without checkpointing: say so, turn it on, retry."""
-    global grad_checkpoint
-    try:
-        return timed("ours", i)
-    except torch.cuda.OutOfMemoryError:
-        if device_type != "cuda" or grad_checkpoint:
-            raise
-    log("nanocb: out of memory without activation checkpointing at this batch; retrying with grad_checkpoint=True")
-    optimizer.zero_grad(set_to_none=True)
-    gc.collect()
-    torch.cuda.empty_cache()
-    grad_checkpoint = model.grad_checkpoint = True
-    return timed("ours", i)
-
-
-results = {"ours": [], "reference": []}
-for i in range(n_warmup + n_steps):
-    for side in ("ours", "reference"):
-        t = time.time()
-        r = ours_warmup(i) if side == "ours" and i == 0 else timed(side, i)
-        phase = "warm-up" if i < n_warmup else "timed"
-        log(f"{phase} step {i}: {side:9s} {r['time_s']:7.3f} s  loss_rr {r['loss_rr']:.4f} "
-            f"loss_retain {r['loss_retain']:.4f}  ({time.time() - t_start:.0f} s elapsed)")
-        if (device_type == "cuda" and i >= n_warmup) or (device_type == "cpu" and i == n_warmup - 1):
-            if r["mem_delta"] is not None:
-                mem_deltas[side].append(r["mem_delta"])
-        if i >= n_warmup:
-            r.update(useful=batches[i]["useful"], useful_flops=batches[i]["useful_flops"],
-                     processed=batches[i]["processed"][side][0], processed_flops=batches[i]["processed"][side][1])
-            results[side].append(r)
-
-
-# --- figures ---------------------------------------------------------------------------------------------------
-def summary(side, own_bytes):
-    rs = results[side]
-    med = lambda key: statistics.median(key(r) for r in rs)
-    deltas = mem_deltas[side]
-    peak = own_bytes + max(deltas) if deltas else None
-    return dict(
-        step_s=med(lambda r: r["time_s"]), step_s_all=[round(r["time_s"], 4) for r in rs],
-        useful_tokens_per_s=med(lambda r: r["useful"] / r["time_s"]),
-        processed_tokens_per_s=med(lambda r: r["processed"] / r["time_s"]),
-        useful_tokens_per_step=med(lambda r: r["useful"]), processed_tokens_per_step=med(lambda r: r["processed"]),
-        mfu=med(lambda r: r["useful_flops"] / r["time_s"] / promised_flops),
-        mfu_processed=med(lambda r: r["processed_flops"] / r["time_s"] / promised_flops),
-        peak_mem_gib=None if peak is None else peak / 2**30,
-        own_mem_gib=own_bytes / 2**30, step_mem_gib=None if not deltas else max(deltas) / 2**30,
-    )
-
-
-ours_weights = tensor_bytes(p for n, p in model.named_parameters() if "lora_" not in n)
-# without its lm_head pass the reference is not charged for the lm_head's weights either (they would sit unused)
-ref_weights = tensor_bytes(p for n, p in ref.named_parameters() if "lora_" not in n and (ref_lm_head or "lm_head" not in n))
-fig = {
-    "ours": summary("ours", ours_weights + tensor_bytes(params) + optimizer_bytes(optimizer)),
-    "reference": summary("reference", ref_weights + tensor_bytes(ref_params) + optimizer_bytes(ref_optimizer)),
-}
-fig["ours"].update(grad_checkpoint=grad_checkpoint, compile=compile, padding="dynamic" if not ours_pad_to else ours_pad_to)
-fig["reference"].update(grad_checkpoint=ref_grad_checkpoint, lm_head=ref_lm_head,
-                        padding=dict(request=ref_request_len, response=ref_response_len, retain=ref_retain_len))
-o, r = fig["ours"], fig["reference"]
-ratio = dict(useful_tokens_per_s=o["useful_tokens_per_s"] / r["useful_tokens_per_s"], step_s=o["step_s"] / r["step_s"],
-             peak_mem=None if o["peak_mem_gib"] is None or r["peak_mem_gib"] is None
-             else o["peak_mem_gib"] / r["peak_mem_gib"])
-
-gib = lambda x: "n/a" if x is None else f"{x:.3f} GiB"
-rows_out = [("step time (median)", f"{o['step_s']:.3f} s", f"{r['step_s']:.3f} s", f"{ratio['step_s']:.3f}x"),
-            ("useful tokens/s", f"{o['useful_tokens_per_s']:,.0f}", f"{r['useful_tokens_per_s']:,.0f}",
-             f"{ratio['useful_tokens_per_s']:.2f}x"),
-            ("processed (padded) tokens/step", f"{o['processed_tokens_per_step']:,.0f}",
-             f"{r['processed_tokens_per_step']:,.0f}", ""),
-            ("peak memory", gib(o["peak_mem_gib"]), gib(r["peak_mem_gib"]),
-             "" if ratio["peak_mem"] is None else f"{ratio['peak_mem']:.2f}x"),
-            ("  own weights+adapter+optimizer", gib(o["own_mem_gib"]), gib(r["own_mem_gib"]), ""),
-            ("  step growth (max)", gib(o["step_mem_gib"]), gib(r["step_mem_gib"]), "")]
-if device_type == "cuda":
-    rows_out += [("MFU, useful tokens", f"{100 * o['mfu']:.1f}%", f"{100 * r['mfu']:.1f}%", ""),
-                 ("MFU, processed tokens", f"{100 * o['mfu_processed']:.1f}%", f"{100 * r['mfu_processed']:.1f}%", "")]
-log(f"\n{'':32s} {'nanocb':>14s} {'reference':>14s} {'ours/ref':>10s}")
-for name, a, b, c in rows_out:
-    log(f"{name:32s} {a:>14s} {b:>14s} {c:>10s}")
-log(f"(medians of {n_steps} alternating steps after {n_warmup} warm-up; c_rr {c_rr}, c_retain {c_retain}; "
-    f"nanocb checkpointing {'on' if grad_checkpoint else 'off'}, compile {'on' if compile else 'off'})")
-
-report = dict(
-    preset=preset, date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
-    machine=dict(platform=platform.platform(), processor=platform.processor(), cpus=os.cpu_count(),
-                 torch_threads=torch.get_num_threads(),
-                 torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
-                 device=torch.cuda.get_device_name() if device_type == "cuda" else "cpu"),
-    config=config, coefficients=dict(step=coef_step, c_rr=c_rr, c_retain=c_retain),
-    blocks=n_keep, base_blocks=n_layers, truncated_sequences=truncated,
-    memory_method="cuda max_memory_allocated per step" if device_type == "cuda"
-    else "last warm-up step: VmHWM reset via /proc/self/clear_refs, minus VmRSS at the step's start, "
-         "glibc mmap threshold 1 MiB (timed steps run with 32 MiB)",
-    mfu_counts="3 x forward FLOPs (frozen fwd + LoRA fwd + backward through activations) of the useful tokens; "
-               "mfu_processed: of the padded tokens processed (+ the reference's lm_head forwards); "
-               f"against {promised_flops:.3g} FLOP/s",
-    ours=o, reference=r, ratio=ratio, total_s=time.time() - t_start,
-)
-tmp = out + ".tmp"
-with open(tmp, "w") as f:
-    json.dump(report, f, indent=1)
-os.replace(tmp, out)
-log(f"wrote {out} ({time.time() - t_start:.0f} s in all)")
+if __name__ == "__main__":
+    main()

@@ -1,24 +1,51 @@
-"""bench.py end to end in miniature: the 8b preset's code path (bf16, lm_head in the reference, weights built on
-the device) with tiny shapes on the CPU, both implementations timed in one run and written to the JSON."""
+"""bench.py in miniature (the 8b preset's code path with tiny shapes on the CPU): it times step.train_step itself,
+the step train_cb.py runs, against the original recipe of tests/original.py, and profiles it; and
+scripts/gpu_check.sh, the one GPU check, run through on the CPU."""
 
 import json
+import os
+import runpy
 import subprocess
 import sys
 
-from tiny import ROOT
+import pytest
+
+import bench
+import step
+from tiny import ROOT, tiny_base, tiny_data, train_cmd
+
+TINY = ["--preset=8b", "--device=cpu", "--compile=False", "--dim=24", "--n_layers=3", "--n_heads=2", "--n_kv_heads=1",
+        "--hidden_dim=48", "--layers=0,1", "--batch_size=2", "--n_warmup=1", "--n_steps=1", "--n_samples=60",
+        "--ref_request_len=320", "--ref_response_len=64", "--ref_retain_len=320"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def spy_on_train_step(monkeypatch):
+    """Replace step.train_step by a wrapper that records the settings of each call: a script that ran a copy of
+    the step would leave the record empty."""
+    calls, real = [], step.train_step
+
+    def spy(*args, **kwargs):
+        calls.append(args[6])  # cfg
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(step, "train_step", spy)
+    return calls
+
+
+def run_script(monkeypatch, script, argv):
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
 def test_bench_times_both_implementations_and_writes_their_figures(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--preset=8b", "--device=cpu", "--compile=False", "--threads=1",
-           "--dim=16", "--n_layers=3", "--n_heads=2", "--n_kv_heads=1", "--hidden_dim=32", "--layers=0,1",
-           "--batch_size=2", "--n_warmup=1", "--n_steps=1", "--n_samples=60",
-           "--ref_request_len=320", "--ref_response_len=64", "--ref_retain_len=320", f"--out={out}"]
-    p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120)
+    p = subprocess.run([sys.executable, "bench.py", *TINY, f"--out={out}"], capture_output=True, text=True,
+                       cwd=ROOT, env=ENV, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
-    assert "useful tokens/s" in p.stdout and "ours/ref" in p.stdout
+    assert "useful tokens/s" in p.stdout and "nanocb/ref" in p.stdout
     fig = json.loads(out.read_text())
-    ours, ref = fig["ours"], fig["reference"]
+    ours, ref = fig["nanocb"], fig["reference"]
     assert fig["blocks"] == 2 and fig["coefficients"]["c_rr"] > 0 and fig["coefficients"]["c_retain"] > 0
     # the same samples on both sides; the reference pads them to its fixed lengths, nanocb to the batch's longest
     assert ours["useful_tokens_per_step"] == ref["useful_tokens_per_step"] > 0
@@ -26,14 +53,69 @@ def test_bench_times_both_implementations_and_writes_their_figures(tmp_path):
     assert ours["useful_tokens_per_step"] <= ours["processed_tokens_per_step"] < ref["processed_tokens_per_step"]
     for side in (ours, ref):
         assert side["step_s"] > 0 and side["useful_tokens_per_s"] > 0 and side["mfu"] > 0
-        assert side["peak_mem_gib"] >= side["own_mem_gib"] > 0
-    assert ref["lm_head"] is True and ref["grad_checkpoint"] is True and ours["padding"] == "dynamic"
+        assert side["peak_mem_gib"] >= side["own_mem_gib"] > 0 and len(side["steps_s"]) == 2
     assert fig["ratio"]["useful_tokens_per_s"] == ours["useful_tokens_per_s"] / ref["useful_tokens_per_s"]
+    assert fig["recipe"]["retain_call_weight"] == bench.train_cb_recipe()["retain_call_weight"]
+    assert "profile" not in fig
 
 
 def test_bench_refuses_a_vocabulary_smaller_than_the_tokenizer(tmp_path):
     p = subprocess.run([sys.executable, "bench.py", "--vocab_size=1000", f"--out={tmp_path / 'b.json'}"],
-                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60)
     assert p.returncode != 0
-    assert p.stderr.strip() == "bench.py: vocab_size 1000 is smaller than the Llama 3 tokenizer's 128256 tokens the samples use"
+    assert p.stderr.strip() == ("bench.py: vocab_size 1000 is smaller than the Llama 3 tokenizer's 128256 tokens "
+                                "the samples use")
     assert not (tmp_path / "b.json").exists()
+
+
+def test_bench_times_and_profiles_step_train_step_itself_with_train_cb_defaults(monkeypatch, tmp_path, capsys):
+    calls = spy_on_train_step(monkeypatch)
+    out = tmp_path / "b.json"
+    run_script(monkeypatch, "bench.py", [*TINY, "--reference=False", "--profile=True", "--grad_accum=2",
+                                         f"--out={out}"])
+    assert len(calls) == 1 + 1 + 3  # warm-up, timed, profiled
+    recipe = bench.train_cb_recipe()
+    assert {k: calls[0][k] for k in ("retain_call_weight", "retain_len", "lorra_alpha", "redirect_weight")} == \
+        {k: recipe[k] for k in ("retain_call_weight", "retain_len", "lorra_alpha", "redirect_weight")}
+    assert calls[0]["layers"] == (0, 1) and calls[0]["grad_accum"] == 2
+    fig = json.loads(out.read_text())
+    assert "reference" not in fig and fig["ratio"]["useful_tokens_per_s"] is None
+    prof = fig["profile"]
+    assert list(prof["parts"]) == list(bench.PARTS)
+    assert sum(prof["parts"].values()) == pytest.approx(prof["step_s"], rel=1e-6)  # idle closes the sum
+    assert prof["parts"]["matmuls"] > 0 and prof["parts"]["LoRA path"] > 0 and prof["parts"]["optimizer"] > 0
+    text = capsys.readouterr().out
+    assert "costliest operators:" in text and "LoRA path" in text
+
+
+def test_train_cb_runs_step_train_step_itself(monkeypatch, tmp_path):
+    calls = spy_on_train_step(monkeypatch)
+    base, data_dir = tiny_base(tmp_path / "base"), tiny_data(tmp_path / "data", n_train=48, n_val=4, n_test=4)
+    run_script(monkeypatch, "train_cb.py", train_cmd(base, data_dir, tmp_path / "out")[1:])
+    assert len(calls) == 2 and calls[0]["batch_size"] == 4  # --max_steps=2 of tiny's command line
+
+
+@pytest.mark.parametrize("op, kernel, shapes, part", [
+    ("aten::mm", "nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NNT", [[4800, 4096], [4096, 14336]], "matmuls"),
+    ("aten::mm", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n", [[4800, 4096], [4096, 16]], "LoRA path"),
+    ("aten::mm", "sm90_xmma_gemm_bf16bf16_bf16f32_f32_nn_n", [[16, 4800], [4800, 4096]], "LoRA path"),
+    ("Torch-Compiled Region: 0/1", "triton_tem_fused_mm_0", [], "matmuls"),
+    ("aten::_flash_attention_backward", "void pytorch_flash::flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel", [],
+     "attention"),
+    ("aten::_efficient_attention_forward", "fmha_cutlassF_bf16_aligned_64x64_rf_sm80", [], "attention"),
+    ("## Call CompiledFxGraph ##", "triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_3", [], "norms"),
+    ("## Call CompiledFxGraph ##", "triton_poi_fused__to_copy_add_cat_cos_mul_neg_sin_5", [], "RoPE"),
+    ("## Call CompiledFxGraph ##", "triton_poi_fused__to_copy_mul_native_dropout_7", [], "LoRA path"),
+    ("## Call CompiledFxGraph ##", "triton_poi_fused__to_copy_12", [], "casts"),
+    ("## Call CompiledFxGraph ##", "triton_poi_fused__to_copy_mul_silu_4", [], "other"),
+    ("aten::_fused_adamw_", "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>", [], "optimizer"),
+    ("aten::_foreach_norm", "void at::native::multi_tensor_apply_kernel<LpNormFunctor>", [], "optimizer"),
+    ("aten::copy_", "void at::native::unrolled_elementwise_kernel<direct_copy_kernel_cuda, LoadWithCast>", [],
+     "casts"),
+    ("aten::copy_", "Memcpy HtoD (Pageable -> Device)", [], "other"),
+    ("aten::mul", "void at::native::vectorized_elementwise_kernel<4, BinaryFunctor<c10::BFloat16>>", [], "other"),
+    ("aten::bernoulli_", "", [[2, 9, 24]], "LoRA path"),
+    ("aten::rsqrt", "", [[2, 9, 1]], "norms"),
+])
+def test_profile_parts_are_told_from_kernel_and_operator_names(op, kernel, shapes, part):
+    assert bench.category(op, kernel, shapes, lora_r=16) == part

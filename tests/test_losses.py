@@ -1,8 +1,8 @@
-import peft
 import pytest
 import torch
 import transformers
 
+import original
 from lora import adapters_off, inject_lora, lora_modules
 from losses import (coefficients, merge_diagnostics, rerouting_diagnostics, rerouting_loss, retain_diagnostics,
                     retain_loss)
@@ -164,43 +164,11 @@ def test_merged_diagnostics_equal_those_of_the_whole_batch():
 
 
 # -- parity: the losses and their gradients on the LoRA weights == the original recipe's compute_loss, transcribed
-#    on transformers' LlamaForCausalLM + peft (test-only dependencies): same tiny model, weights, adapter, batch
+#    on transformers' LlamaForCausalLM + peft in tests/original.py (which bench.py times too): same tiny model,
+#    weights, adapter, batch
 
 TARGET_LAYERS = (1, 3)  # drop_layers_after = 3: both sides keep blocks 0..3 of the 5-block checkpoint
 R, LORA_ALPHA, ALPHA, MAX_STEPS = 4, 8, 10.0, 150
-MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def original_compute_loss(model, inputs, target_layers, alpha, step):
-    """The original's compute_loss (retain over all hidden states, rerouting over target layers), on a peft model."""
-    retain_ids, retain_attn = inputs["input_ids"], inputs["attention_mask"]
-    cb_ids, cb_attn = inputs["input_ids_circuit_breaker"], inputs["attention_mask_circuit_breaker"]
-    progress = step / 300  # the original's fixed horizon, here step / (2 * 150)
-    retain_coeff, cb_coeff = alpha * progress, alpha * (1 - progress)
-
-    cb_layer_mask = cb_attn.repeat(len(target_layers), 1, 1).unsqueeze(-1)
-    with model.disable_adapter():
-        model.eval()
-        with torch.no_grad():
-            frozen_retain = model(input_ids=retain_ids, attention_mask=retain_attn, output_hidden_states=True).hidden_states
-            frozen_retain_h = torch.stack(frozen_retain).detach()
-            retain_layer_mask = retain_attn.repeat(len(frozen_retain), 1, 1).unsqueeze(-1)
-            frozen_retain_h *= retain_layer_mask
-            frozen_cb = model(input_ids=cb_ids, attention_mask=cb_attn, output_hidden_states=True).hidden_states
-            frozen_cb_h = torch.stack([frozen_cb[l].detach() for l in target_layers])
-    model.train()
-
-    lora_retain = model(input_ids=retain_ids, attention_mask=retain_attn, output_hidden_states=True).hidden_states
-    lora_retain_h = torch.stack(lora_retain) * retain_layer_mask
-    retain = torch.norm(lora_retain_h - frozen_retain_h, dim=-1, p=2, dtype=torch.float).nanmean()
-
-    lora_cb = model(input_ids=cb_ids, attention_mask=cb_attn, output_hidden_states=True).hidden_states
-    lora_cb_h = torch.stack([lora_cb[l] for l in target_layers])
-    unit_lora = lora_cb_h / torch.norm(lora_cb_h, dim=-1, keepdim=True, dtype=torch.float)
-    unit_frozen = frozen_cb_h / torch.norm(frozen_cb_h, dim=-1, keepdim=True, dtype=torch.float)
-    inner = unit_lora * unit_frozen * cb_layer_mask
-    cb = torch.relu(inner.sum(dim=-1)).sum() / cb_layer_mask.sum()
-    return retain_coeff * retain + cb_coeff * cb, retain, cb
 
 
 def right_padded(g, lengths, T):
@@ -229,8 +197,7 @@ def test_losses_and_lora_gradients_match_original_recipe(checkpoint, step):
     cfg = transformers.AutoConfig.from_pretrained(checkpoint)
     cfg.num_hidden_layers = n_keep
     hf = transformers.LlamaForCausalLM.from_pretrained(checkpoint, config=cfg, dtype=torch.float32, attn_implementation="eager")
-    ref = peft.get_peft_model(hf, peft.LoraConfig(r=R, lora_alpha=LORA_ALPHA, target_modules=MODULES, lora_dropout=0.0,
-                                                  bias="none", layers_to_transform=list(range(n_keep)), task_type="CAUSAL_LM"))
+    ref = original.with_lora(hf, R, LORA_ALPHA, 0.0)
     g = torch.Generator().manual_seed(step)
     with torch.no_grad():
         for n, p in ref.named_parameters():
@@ -249,13 +216,13 @@ def test_losses_and_lora_gradients_match_original_recipe(checkpoint, step):
             m.lora_a.copy_(a)
             m.lora_b.copy_(b)
         pairs += [(m.lora_a, a), (m.lora_b, b)]
-    assert len(pairs) == 2 * len(MODULES) * n_keep == sum("lora_" in n for n in ref_params)
+    assert len(pairs) == 2 * len(original.TARGET_MODULES) * n_keep == sum("lora_" in n for n in ref_params)
 
     retain_ids, retain_attn = right_padded(g, [12, 9, 5], 12)
     cb_ids, cb_attn = right_padded(g, [7, 12, 10], 12)
     inputs = dict(input_ids=retain_ids, attention_mask=retain_attn,
                   input_ids_circuit_breaker=cb_ids, attention_mask_circuit_breaker=cb_attn)
-    ref_loss, ref_retain, ref_cb = original_compute_loss(ref, inputs, TARGET_LAYERS, ALPHA, step)
+    ref_loss, ref_retain, ref_cb = original.compute_loss(ref, inputs, TARGET_LAYERS, ALPHA, step)
     ref_loss.backward()
 
     c_rr, c_retain = coefficients(step, MAX_STEPS, ALPHA)
