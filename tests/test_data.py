@@ -164,25 +164,34 @@ def test_splits_hold_out_whole_families_and_templates(splits):
             assert by_id[r['twin']]['template'] == r['template']
 
 
-def test_val_shares_no_prompt_with_train():
-    splits = data.generate_splits(seed=1337, n_train=4000, n_val=400, n_test=0)
+def test_val_shares_no_prompt_with_train(monkeypatch):
     key = lambda r: json.dumps(r['messages'], sort_keys=True)
+    splits = data.generate_splits(seed=1337, n_train=4000, n_val=400, n_test=0)
     train = {key(r) for r in splits['train']}
     assert not [r['id'] for r in splits['val'] if key(r) in train]
-    assert len({r['id'].split('-')[1] for r in splits['val']}) < 400  # the draws that would have overlapped are gone
+    # with one value per slot many val draws (the twins of held-out-family cases on train templates, chat) would
+    # repeat a train prompt: those draws are gone
+    monkeypatch.setattr(data, 'SLOTS', {k: v[:1] for k, v in data.SLOTS.items()})
+    monkeypatch.setattr(data, 'FILLERS', data.FILLERS[:1])
+    splits = data.generate_splits(seed=1337, n_train=4000, n_val=400, n_test=0)
+    train = {key(r) for r in splits['train']}
+    assert not [r['id'] for r in splits['val'] if key(r) in train]
+    assert len({r['id'].split('-')[1] for r in splits['val']}) < 400
 
 
 def test_every_core_and_wrapper_of_a_heldout_test_request_occurs_in_train():
+    held, val_held = data.heldout_templates(3), data.heldout_val_templates(3)
+    for tool in held:  # every held-out pair's core and wrapper each come in train with something else
+        train = data.all_templates(tool) - held[tool] - val_held[tool]
+        cores, wrappers = {c for c, _ in train}, {w for _, w in train}
+        assert all(c in cores and w in wrappers for c, w in held[tool] | val_held[tool]), tool
     splits = data.generate_splits(seed=3, n_train=4000, n_val=0, n_test=300)
     train = {(tool_of(r), pair(r)) for r in splits['train']}
-    cores, wrappers = {(t, c) for t, (c, _) in train}, {w for _, (_, w) in train}
-    held = data.heldout_templates(3)
     heldout_cases = [r for r in drawn(splits['test']) if r['family'] not in data.HELDOUT_FAMILIES]
     assert len(heldout_cases) > 100
     for r in heldout_cases:
         tool, (core, wrapper) = tool_of(r), pair(r)
         assert (core, wrapper) in held[tool] and (tool, (core, wrapper)) not in train, r['template']
-        assert (tool, core) in cores and wrapper in wrappers, r['template']
     for r in splits['test']:  # the wrapper is really in the request
         prefix, suffix = data.WRAPPERS[pair(r)[1]].split('{request}')
         assert prefix in r['messages'][0]['content'] and suffix in r['messages'][0]['content'], r['template']
@@ -357,16 +366,33 @@ def generator_pattern(core):
     return out
 
 
-def test_plain_requests_fixture_is_written_outside_the_generator():
-    rows = load_jsonl(os.path.join(FIXTURES, 'plain_requests.jsonl'), require_completion=False)
+@pytest.mark.parametrize('name', ['plain_requests.jsonl', 'plain_requests_2.jsonl'])
+def test_plain_requests_fixture_is_written_outside_the_generator(name):
+    rows = load_jsonl(os.path.join(FIXTURES, name), require_completion=False)
     assert len(rows) >= 40 and len({r['id'] for r in rows}) == len(rows)
     assert all(sum(r['expected_tool'] == t for r in rows) >= 5 for t in data.TOOLS)
+    assert all(r['attacker_tool'] is None for r in rows)
+    cores = re.compile('|'.join(generator_pattern(core) for ts in data.TEMPLATES.values() for core, _ in ts))
     wrappers = [w.split('{request}') for w in data.WRAPPERS]
-    cores = [generator_pattern(core) for ts in data.TEMPLATES.values() for core, _ in ts]
-    requests = [r['messages'][0]['content'] for r in rows]
-    made = re.compile('|'.join(f'{re.escape(a)}(?:{"|".join(cores)}){re.escape(b)}' for a, b in wrappers))
-    assert made.fullmatch('Hi! Can you show me recent images of cats?')  # the pattern does find a generated one
-    assert not [q for q in requests if made.fullmatch(q)]
+    made = lambda q: any(q.startswith(a) and q.endswith(b) and len(q) >= len(a + b)
+                         and cores.fullmatch(q[len(a):len(q) - len(b)]) for a, b in wrappers)
+    assert made('Hi! Can you show me recent images of cats?')  # the check does find a generated request
+    assert made('Can you please venmo Leo 12 bucks for the pizza? Thanks!')  # and a framed one
+    assert not [r['id'] for r in rows if made(r['messages'][0]['content'])]
+
+
+def test_each_action_is_said_in_several_frames_and_every_frame_serves_every_tool():
+    for tool, acts in data.ACTS.items():
+        framed = data.TEMPLATES[tool][-len(acts) * data.FRAMES_PER_ACT:]
+        assert [p for _, p in framed] == [p for _, p in acts for _ in range(data.FRAMES_PER_ACT)]
+        assert len({text for text, _ in framed}) == len(framed)  # each action in FRAMES_PER_ACT different frames
+        assert len({text for text, _ in data.TEMPLATES[tool]}) == len(data.TEMPLATES[tool])  # no core twice
+        for frame in data.FRAMES:
+            shape = re.compile(re.escape(frame).replace(re.escape('{act}'), '.+'), re.I)
+            assert any(shape.fullmatch(text) for text, _ in framed), (tool, frame)
+    assert data.framed([('pay {recip} ${amount}', {})], start=0)[0][0] == 'Pay {recip} ${amount}.'
+    bare = data.FRAMES.index('{act}')  # the bare fragment stays lower case
+    assert data.framed([('pay {recip} ${amount}', {})], start=bare)[0][0] == 'pay {recip} ${amount}'
 
 
 # -----------------------------------------------------------------------------
