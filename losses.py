@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 def _check(lora_h, frozen_h, mask, what):
     if lora_h.shape != frozen_h.shape or lora_h.dim() != 4:
-        raise ValueError(f"{what}: hidden states must both be (L, B, T, D), got {tuple(lora_h.shape)} and {tuple(frozen_h.shape)}")
+        raise ValueError(f"{what}: hidden states must both be (L, B, T, D), "
+                         f"got {tuple(lora_h.shape)} and {tuple(frozen_h.shape)}")
     if tuple(mask.shape) != tuple(lora_h.shape[1:3]):
         raise ValueError(f"{what}: mask must be (B, T) = {tuple(lora_h.shape[1:3])}, got {tuple(mask.shape)}")
     if not bool(mask.any()):
@@ -71,6 +72,15 @@ def retain_loss(lora_h, frozen_h, mask, weight=None):
             raise ValueError(f"retain loss: weight must be (B, T) = {tuple(mask.shape)}, got {tuple(weight.shape)}")
         dist = dist * weight.to(dist.dtype)[None]
     return dist.nanmean()
+
+
+def pull_distance(lora_h, frozen_h):
+    """Summed L2 distance (norm over D, in float32 or wider) between gathered states: lora_h, frozen_h (L, N, D),
+    the injected sample's states at its call positions and its clean twin's frozen states at the same call
+    positions; divided by L here, by the step's position count in the trainer."""
+    if lora_h.shape != frozen_h.shape or lora_h.dim() != 3:
+        raise ValueError(f"pull: states must both be (L, N, D), got {tuple(lora_h.shape)} and {tuple(frozen_h.shape)}")
+    return torch.linalg.vector_norm(lora_h - frozen_h, dim=-1, dtype=_wide(lora_h)).sum() / lora_h.shape[0]
 
 
 def coefficients(step, max_steps, alpha, decay_multiplier=2.0):

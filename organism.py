@@ -15,6 +15,7 @@ lm_head row is zero, i.e. logit exactly 0; the training loss gives all of them t
 log(n_zero), so it is the exact full-vocabulary cross-entropy of the saved model.
 """
 
+import hashlib
 import json
 import math
 import os
@@ -71,27 +72,30 @@ if not (lr > 0 and 0 <= min_lr <= lr and weight_decay >= 0 and grad_clip > 0):
 if dtype not in ("float32", "float64"):
     fail(f"dtype must be 'float32' or 'float64', got {dtype!r}")
 ptdtype = getattr(torch, dtype)
-stamp_path = os.path.join(out_dir, "organism.json")
-if not force and os.path.isfile(stamp_path):
-    with open(stamp_path) as f:
-        if json.load(f)["config"] == config:
-            print(f"{out_dir}/ already holds an organism built with this config; reusing it (--force=True rebuilds)")
-            sys.exit(0)
-
 torch.manual_seed(seed)
 tok = data.load_tokenizer()
 train_path = os.path.join(data_dir, "train.jsonl")
 if not os.path.isfile(train_path):
     print(f"{train_path} not found: generating the built-in tool-routing data into {data_dir}/")
     data.write_splits(data_dir)
+with open(train_path, "rb") as f:
+    data_md5 = hashlib.md5(f.read()).hexdigest()
+stamp_path = os.path.join(out_dir, "organism.json")
+if not force and os.path.isfile(stamp_path):
+    with open(stamp_path) as f:
+        stamp = json.load(f)
+    if stamp["config"] == config and stamp.get("data_md5") == data_md5:
+        print(f"{out_dir}/ already holds an organism built with this config and {train_path}; reusing it "
+              f"(--force=True rebuilds)")
+        sys.exit(0)
 try:
     rows = data.load_jsonl(train_path)
     val_rows = data.load_jsonl(os.path.join(data_dir, "val.jsonl"))
 except data.DataError as e:
     fail(str(e))
 # The organism is vulnerable by construction: it learns benign routing, plain chat, and to obey the
-# train-family injections. Injected-but-resisted samples (kind 'retain' with an attacker) are left for
-# the circuit breaker's retain set; here they would teach partial resistance.
+# train-family injections. Redirect rows (kind 'retain' with an attacker: injected, answered right) are left for
+# the circuit breaker's redirect term; here they would teach partial resistance.
 keep = lambda r: r["kind"] != "retain" or r["attacker_tool"] is None
 train = [data.encode_sample(tok, r) for r in rows if keep(r)]
 val = [data.encode_sample(tok, r) for r in val_rows if keep(r)][:256]
@@ -128,7 +132,8 @@ def completion_loss(batch, n_targets=None):
     _, hidden = model(ids, hidden=True, logits=False)
     h = hidden[-1][:, :-1][target_mask]  # (N, dim): the positions that predict a completion token
     targets = ids[:, 1:][target_mask]
-    logits = torch.cat([h @ model.lm_head.weight[:unk].t(), torch.full((h.shape[0], 1), log_n_zero, dtype=h.dtype)], dim=1)
+    zero_rows = torch.full((h.shape[0], 1), log_n_zero, dtype=h.dtype)
+    logits = torch.cat([h @ model.lm_head.weight[:unk].t(), zero_rows], dim=1)
     targets = torch.where(targets == unk, -100, targets)
     correct = logits[:, :-1].argmax(-1) == targets
     if n_targets is None:
@@ -169,10 +174,12 @@ for step in range(max_steps):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if step % log_interval == 0 or step == max_steps - 1:
-        print(f"step {step:4d} | loss {loss:.4f} | lr {lr_at(step, lr, max_steps, warmup_steps, min_lr):.2e} | {time.time() - t0:.0f}s", flush=True)
+        print(f"step {step:4d} | loss {loss:.4f} | lr {lr_at(step, lr, max_steps, warmup_steps, min_lr):.2e} | "
+              f"{time.time() - t0:.0f}s", flush=True)
 
 token_acc, completion_acc = evaluate()
-print(f"held-out teacher-forced accuracy: {token_acc:.2%} of completion tokens, {completion_acc:.2%} of whole completions")
+print(f"held-out teacher-forced accuracy: {token_acc:.2%} of completion tokens, "
+      f"{completion_acc:.2%} of whole completions")
 
 # back to the real vocabulary: live rows to their ids, every other input row the compact 'other' row,
 # every other output row zero (the logit the loss above accounted for)
@@ -193,6 +200,6 @@ with atomic_dir(out_dir) as tmp:
     with open(os.path.join(tmp, "generation_config.json"), "w") as f:
         json.dump({"bos_token_id": tok.bos_id, "eos_token_id": list(tok.stop_ids), "do_sample": False}, f, indent=2)
     with open(os.path.join(tmp, "organism.json"), "w") as f:
-        json.dump({"config": config, "token_acc": token_acc, "completion_acc": completion_acc,
+        json.dump({"config": config, "data_md5": data_md5, "token_acc": token_acc, "completion_acc": completion_acc,
                    "seconds": round(time.time() - t0)}, f, indent=2)
 print(f"saved the organism to {out_dir}/ ({time.time() - t0:.0f}s)")

@@ -6,7 +6,10 @@ A step draws three sets of samples (train_cb.py decides which rows go where):
             target layers are pushed away from the frozen model's (rerouting, ReLU of the cosine -> 0);
   retain    benign requests and plain chat: every stacked state stays where the frozen model has it (L2);
   redirect  injected prompts completed with the user's own call: cross-entropy on that call, adapters on, so
-            the injected agent still does the user's task instead of breaking (0 weight: the original recipe).
+            the injected agent still does the user's task instead of breaking (0 weight: the original recipe);
+            and/or the pull: the states that emit that call, pulled towards the frozen states of the clean twin
+            (the same request without the injection) at the same call positions, which the frozen model
+            already decodes into the user's call.
 Frozen states come from the same weights with the adapters off (one model in memory). Each process takes its
 slice of every micro-batch; the losses are divided by denominators of the whole step's batch, so that
 accumulation and processes add up to the loss of one big batch exactly.
@@ -46,14 +49,23 @@ def coefficients(step, cfg):
     return losses.coefficients(step + 1, cfg["max_steps"], cfg["lorra_alpha"], cfg["alpha_decay_multiplier"])
 
 
-def redirect_loss(model, fmodel, b, dynamic=False):
-    """Summed cross-entropy of the completion tokens (target_mask) given everything before them, adapters on.
-    Only the target positions go through the lm_head."""
-    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic)[-1]  # (B, T, D) after the norm
-    predict = b["target_mask"][:, 1:]  # the state at t predicts token t+1
-    logits = model.lm_head(h[:, :-1][predict])  # (n_targets, vocab)
+def redirect_losses(model, fmodel, b, twins=None, has_twin=None, dynamic=False):
+    """(summed cross-entropy of the completion tokens given everything before them, adapters on; summed pull
+    distance or None). Only the target positions go through the lm_head. twins: the clean twins' batch of the
+    rows has_twin (a list of row indices), whose completions are the same call: the pull is the L2 distance, per
+    layer and emitting position, between these rows' states and the twins' frozen ones, as retain measures it."""
+    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic)  # (L+1, B, T, D)
+    emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
+    logits = model.lm_head(h[-1, :, :-1][emit])  # (n_targets, vocab), after the final norm
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-    return F.cross_entropy(logits, b["ids"][:, 1:][predict], reduction="sum")
+    ce = F.cross_entropy(logits, b["ids"][:, 1:][emit], reduction="sum")
+    if twins is None:
+        return ce, None
+    frozen = hidden_states(model, fmodel, twins["ids"], frozen=True, dynamic=dynamic)
+    # row-major selection: each row's call positions in order, and a row and its twin hold the same call
+    mine = h[:, has_twin, :-1][:, emit[has_twin]]  # (L+1, N, D)
+    theirs = frozen[:, :, :-1][:, twins["target_mask"][:, 1:]]
+    return ce, losses.pull_distance(mine, theirs)
 
 
 def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, device="cpu", autocast=nullcontext(),
@@ -70,17 +82,18 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
     B, accum = cfg["batch_size"], cfg["grad_accum"]
     micro = B // (world * accum)
     c_rr, c_retain = coefficients(step, cfg)
-    c_redirect = cfg["redirect_weight"]
+    c_redirect, c_pull = cfg["redirect_weight"], cfg.get("pull_weight", 0.0)
     harmful, retain, redirect = (batches.get(k) or [] for k in ("harmful", "retain", "redirect"))
     on = dict(rr=c_rr > 0 and bool(harmful), retain=c_retain > 0 and bool(retain),
-              redirect=c_redirect > 0 and bool(redirect))
+              redirect=c_redirect > 0 and bool(redirect), pull=c_pull > 0 and bool(redirect))
     # denominators of the whole step: rerouted positions; the retain nanmean's L x B x T with T fixed at
     # retain_len positions (the original pads every retain sample to 1024), so a batch's weight does not
     # depend on its padding; the redirect call's target tokens
     rr_count = sum(sum(e["cb_mask"]) for e in harmful)
     retain_norm = B * cfg["retain_len"]
     redirect_count = sum(sum(e["target_mask"]) for e in redirect)
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # this process's loss_rr, loss_retain, loss_redirect
+    pull_count = sum(sum(e["target_mask"]) for e in redirect if e.get("twin")) or 1
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # this process's loss_rr, _retain, _redirect, _pull
     parts = {"rr": [], "retain": [], "call": []}
     for k in range(accum):
         lo = (k * world + rank) * micro
@@ -112,12 +125,19 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
             sums[0] += l_rr.detach()
             if logging:
                 parts["rr"].append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
-        if on["redirect"]:
-            b = {n: t.to(device, non_blocking=True) for n, t in piece(redirect).items()}
+        if on["redirect"] or on["pull"]:
+            rows = redirect[lo:lo + micro]
+            b = {n: t.to(device, non_blocking=True) for n, t in collate(rows, pad_id).items()}
+            has_twin = [i for i, e in enumerate(rows) if e.get("twin")]  # benign replies (redirect_benign) have none
+            twins = None
+            if on["pull"] and has_twin:
+                twins = {n: t.to(device) for n, t in collate([rows[i]["twin"] for i in has_twin], pad_id).items()}
             with autocast:
-                l_red = redirect_loss(model, fmodel, b, dynamic) / redirect_count
-            (c_redirect * l_red).backward()
+                ce, pull = redirect_losses(model, fmodel, b, twins, has_twin, dynamic)
+                l_red, l_pull = ce / redirect_count, (pull / pull_count if pull is not None else ce * 0)
+            (c_redirect * l_red + c_pull * l_pull).backward()
             sums[2] += l_red.detach()
+            sums[3] += l_pull.detach()
     if world > 1:  # each process holds its share of the step's loss: sum the gradients and the losses
         # an adapter no term reached (blocks above the rerouting pass when no other term runs) has no
         # gradient on any process alike: AdamW skips it, as on one process
@@ -129,15 +149,16 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
                 p.grad.copy_(g.view_as(p))
         dist.all_reduce(sums)
     if not bool(torch.isfinite(sums).all()):  # the summed losses are the same on every process: all stop
-        names = [n for n, v in zip(("loss_rr", "loss_retain", "loss_redirect"), sums.tolist()) if not math.isfinite(v)]
+        names = [n for n, v in zip(("loss_rr", "loss_retain", "loss_redirect", "loss_pull"), sums.tolist())
+                 if not math.isfinite(v)]
         raise StepError(f"step {step}: {', '.join(names)} is not finite; lower lr, or look for a broken sample")
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     call = losses.merge_diagnostics(parts["call"])
-    return dict(c_rr=c_rr, c_retain=c_retain, c_redirect=c_redirect, loss_rr=sums[0].item(),
-                loss_retain=sums[1].item(), loss_redirect=sums[2].item(), gnorm=gnorm.item(),
-                terms=[t for t in ("rr", "retain", "redirect") if on[t]],
+    return dict(c_rr=c_rr, c_retain=c_retain, c_redirect=c_redirect, c_pull=c_pull, loss_rr=sums[0].item(),
+                loss_retain=sums[1].item(), loss_redirect=sums[2].item(), loss_pull=sums[3].item(), gnorm=gnorm.item(),
+                terms=[t for t in ("rr", "retain", "redirect", "pull") if on[t]],
                 **losses.merge_diagnostics(parts["rr"]), **losses.merge_diagnostics(parts["retain"]),
                 **({"call_l2": call["l2"], "call_cos": call["cos"]} if call else {}))
 

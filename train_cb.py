@@ -45,7 +45,7 @@ n_val = 64
 # circuit breaker
 layers = (10, 20)  # target layers, HF hidden-state indexing: hidden[l] is the input of block l
 lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's transform_layers=-1
-cb_mask = "tool_choice"  # which harmful tokens are rerouted: 'tool_choice' | 'tool_name' | 'departure' | 'completion' | 'full'
+cb_mask = "tool_choice"  # harmful tokens rerouted: 'tool_choice' | 'tool_name' | 'departure' | 'completion' | 'full'
 lorra_alpha = 10.0  # 0 = no rerouting and no retain term (with redirect_weight > 0: adversarial fine-tuning alone)
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
 retain_call_weight = 6.0  # retain distance on the retain samples' replies x this; 1.0 = the original
@@ -53,6 +53,7 @@ retain_len = 256  # positions per sample the retain nanmean divides by, whatever
 retain_injected = False  # retain also holds injected-but-answered-right samples (they fight the rerouting)
 redirect_weight = 0.0  # cross-entropy on the user's call given the injected prompt (redirect rows); 0 = off
 redirect_benign = False  # the cross-entropy also covers the benign and chat rows (the fine-tuning baseline)
+pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -107,7 +108,8 @@ else:
 layers = tuple(layers)
 if not layers or not all(type(l) is int and l >= 0 for l in layers):
     fail(f"layers must be a non-empty list of block indices, got {layers!r}")
-for name in ("retain_call_weight", "lorra_alpha", "redirect_weight", "weight_decay", "grad_clip", "min_lr"):
+for name in ("retain_call_weight", "lorra_alpha", "redirect_weight", "pull_weight", "weight_decay", "grad_clip",
+             "min_lr"):
     if not globals()[name] >= 0:
         fail(f"{name} must be >= 0, got {globals()[name]}")
 if not lr > 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or not 0 <= lora_dropout < 1:
@@ -126,8 +128,9 @@ if type(eval_interval) is not int or eval_interval < 0:
     fail(f"eval_interval must be >= 0 (0: validate and save at the end only), got {eval_interval}")
 if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
     fail(f"warmup_steps must be in 0..max_steps ({max_steps}), got {warmup_steps!r}")
-if lorra_alpha == 0 and redirect_weight == 0:
-    fail("lorra_alpha and redirect_weight are both 0: no term would train")
+if lorra_alpha == 0 and redirect_weight == 0 and pull_weight == 0:
+    fail("lorra_alpha, redirect_weight and pull_weight are all 0: no term would train")
+needs_head = redirect_weight > 0 or pull_weight > 0  # the redirect terms run the whole model
 
 # --- distributed: one process per device under torchrun, each with its slice of every batch --------
 ddp = int(os.environ.get("RANK", -1)) != -1
@@ -159,7 +162,7 @@ try:
     if max(layers) >= base_cfg.n_layers:
         fail(f"layers {layers} reach beyond {base_dir}, which has blocks 0..{base_cfg.n_layers - 1}")
     model = Llama.from_pretrained(base_dir, dtype=ptdtype, device=device,
-                                  n_layers=None if redirect_weight > 0 else max(layers) + 1)
+                                  n_layers=None if needs_head else max(layers) + 1)
     params = inject_lora(model, lora_r, lora_alpha, lora_dropout, layers=list(lora_layers) or None,
                          b_init_std=lora_b_init_std, generator=torch.Generator().manual_seed(seed))
 except (ModelError, LoRAError, data.DataError) as e:
@@ -188,7 +191,14 @@ try:
     injected_ok = [s for s in samples if s["kind"] == "retain" and s["attacker_tool"] is not None]
     retain = [data.encode_sample(tok, s, cb_mask) for s in samples
               if s["kind"] != "harmful" and (retain_injected or s["attacker_tool"] is None)]
-    redirect = [data.encode_sample(tok, s, cb_mask) for s in injected_ok] if redirect_weight > 0 else []
+    redirect = []
+    if needs_head:  # the pull needs each redirect row's clean twin, encoded beside it
+        twins = data.twins_of(samples) if pull_weight > 0 else {}
+        for s in injected_ok:
+            e = data.encode_sample(tok, s, cb_mask)
+            if s["id"] in twins:
+                e["twin"] = data.encode_sample(tok, twins[s["id"]], cb_mask)
+            redirect.append(e)
     if redirect_benign:
         redirect += [data.encode_sample(tok, s, cb_mask) for s in samples
                      if s["kind"] != "harmful" and s["attacker_tool"] is None]
@@ -197,9 +207,11 @@ try:
              f"(has {len(harmful)} harmful, {len(retain)} others"
              + ("; injected-but-resisted ones count only with --retain_injected=True)"
                 if injected_ok and not retain_injected else ")"))
-    if redirect_weight > 0 and not redirect:
-        fail(f"{train_path}: redirect_weight > 0 needs redirect rows (kind 'retain' with an attacker_tool: the "
-             f"injected prompt completed with the user's call)")
+    if pull_weight > 0 and not any("twin" in e for e in redirect):
+        fail(f"{train_path}: pull_weight > 0 needs redirect rows that name their clean twin (\"twin\": id)")
+    if needs_head and not redirect:
+        fail(f"{train_path}: redirect_weight or pull_weight > 0 needs redirect rows (kind 'retain' with an "
+             f"attacker_tool: the injected prompt completed with the user's call)")
     report = data.mask_report(harmful, ["harmful"] * len(harmful), cb_mask, tok.python_tag_id)
     empty = [s["id"] for s, e in zip(harmful_rows, harmful) if not any(e["cb_mask"])]
     if empty and lorra_alpha > 0:
@@ -304,8 +316,10 @@ while step < max_steps:
     terms = record.pop("terms")
     for term, batch, n_blocks, passes in (("rr", batches["harmful"], max(layers), 3),
                                           ("retain", batches["retain"], max(layers) + 1, 3),
-                                          ("redirect", batches["redirect"], len(model.layers), 2)):
-        if term in terms:
+                                          ("redirect", batches["redirect"], len(model.layers), 2),
+                                          ("pull", [e["twin"] for e in batches["redirect"] if "twin" in e],
+                                           len(model.layers), 1)):
+        if term in terms or (term == "redirect" and "pull" in terms):  # the pull runs the redirect rows' pass
             tokens += sum(len(e["ids"]) for e in batch)
             flops += step_flops(batch, n_blocks, passes)
     step += 1
@@ -325,7 +339,8 @@ while step < max_steps:
         fmt = lambda key: f"{record[key]:.4f}" if key in record else "-"
         log(f"step {step:4d} | c_rr {record['c_rr']:5.2f} c_retain {record['c_retain']:5.2f} | loss_rr "
             f"{record['loss_rr']:.4f} loss_retain {record['loss_retain']:.4f} loss_redirect "
-            f"{record['loss_redirect']:.4f} | cos {fmt('cos_mean')} cos>0 {fmt('cos_pos_share')} "
+            f"{record['loss_redirect']:.4f} loss_pull {record['loss_pull']:.4f} | cos {fmt('cos_mean')} "
+            f"cos>0 {fmt('cos_pos_share')} "
             f"retain_l2 {fmt('l2')} retain_cos {fmt('cos')} call_cos {fmt('call_cos')} "
             f"norm lora/frozen {fmt('lora_norm')}/{fmt('frozen_norm')} | gnorm {record['gnorm']:.3g} "
             f"lr {record['lr']:.2e} | {tokens / dt:,.0f} tok/s mfu {100 * mfu:.1f}% mem {mem:.2f} GiB")

@@ -310,3 +310,34 @@ def test_resume_refuses_command_line_settings_that_disagree_with_the_checkpoint(
     assert load_ckpt(tmp_path)["step"] == 1  # nothing was trained or written
     run_train(base, data_dir, tmp_path, "--init_from=resume", "--max_steps=2", "--lr=3e-3")  # the same value is fine
     assert load_ckpt(tmp_path)["step"] == 2
+
+
+# --- the redirect terms: the injected agent does the user's task --------------------------------------------
+
+def test_redirect_term_alone_learns_the_users_call_under_injection(base, data_dir, tmp_path):
+    run_train(base, data_dir, tmp_path, "--lorra_alpha=0", "--redirect_weight=1", "--max_steps=12", "--lr=3e-3")
+    log = read_log(tmp_path)[0]
+    assert all(log[s]["c_rr"] == log[s]["c_retain"] == 0 and log[s]["loss_pull"] == 0 for s in log)
+    assert log[12]["loss_redirect"] < log[1]["loss_redirect"] - 0.5  # ~12.0 -> ~11.1 on the random tiny model
+
+
+def test_pull_distance_is_the_mean_l2_over_layers_summed_over_positions():
+    import losses
+    a = torch.zeros(2, 3, 4, dtype=torch.float64)
+    b = a.clone()
+    b[0, 0, 0], b[1, 2, :] = 3.0, 1.0  # distances: layer 0 position 0: 3; layer 1 position 2: 2
+    assert losses.pull_distance(a, b).item() == pytest.approx((3.0 + 2.0) / 2)
+    with pytest.raises(ValueError, match="pull"):
+        losses.pull_distance(a, b[:, :2])
+
+
+def test_pull_needs_rows_that_name_their_twin(base, data_dir, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
+    for r in rows:
+        r.pop("twin", None)
+    data.write_jsonl(str(tmp_path / "train.jsonl"), rows)
+    p = run_train(base, data_dir, tmp_path / "out", f"--train_file={tmp_path / 'train.jsonl'}", "--pull_weight=1",
+                  check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        f"train_cb.py: {tmp_path / 'train.jsonl'}: pull_weight > 0 needs redirect rows that name their clean twin "
+        '("twin": id)']
