@@ -119,3 +119,54 @@ def test_train_cb_runs_step_train_step_itself(monkeypatch, tmp_path):
 ])
 def test_profile_parts_are_told_from_kernel_and_operator_names(op, kernel, shapes, part):
     assert bench.category(op, kernel, shapes, lora_r=16) == part
+
+
+def test_profile_breakdown_sums_kernel_time_by_part_and_counts_the_rest_as_idle():
+    from types import SimpleNamespace as Event
+    from torch.autograd.profiler_util import Kernel
+    events = [Event(name="aten::mm", input_shapes=[[64, 32], [32, 16]], self_cpu_time_total=50.0,
+                    kernels=[Kernel("nvjet_hsh_64x8", 0, 3e5)]),
+              Event(name="aten::mm", input_shapes=[[64, 32], [32, 96]], self_cpu_time_total=50.0,
+                    kernels=[Kernel("nvjet_hsh_256x128", 0, 1.2e6), Kernel("nvjet_hsh_256x128", 0, 1.2e6)]),
+              Event(name="aten::add", input_shapes=[], self_cpu_time_total=900.0, kernels=[])]  # CPU time alone
+    parts, top = bench.breakdown(events, wall_s=6.0, steps=2, lora_r=16)
+    assert parts == pytest.approx({**dict.fromkeys(bench.PARTS, 0.0), "LoRA path": 0.15, "matmuls": 1.2,
+                                   "idle": 3.0 - 1.35})
+    assert top[0] == (("nvjet_hsh_256x128", "matmuls"), 1.2) and len(top) == 2
+
+
+def gpu_check(tmp_path, *args, **env):
+    return subprocess.run(["bash", "scripts/gpu_check.sh", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**ENV, "OUT": str(tmp_path / "out"), **env}, timeout=600)
+
+
+PARTS = ("env", "bench_candidates", "tiny_setup", "tiny_train", "tiny_eval", "bench_default", "bench_accum2",
+         "bench_autotune")
+
+
+def test_gpu_check_runs_every_part_through_on_the_cpu(tmp_path):
+    p = gpu_check(tmp_path, "--cpu")
+    out = tmp_path / "out"
+    summary = (out / "summary.txt").read_text()
+    assert p.returncode == 0, summary + p.stdout + p.stderr
+    for name in PARTS:
+        assert f"{name}: exit 0, " in summary and (out / f"{name}.log").exists()
+    candidates = json.loads((out / "bench_candidates.json").read_text())
+    assert candidates["config"]["compile_blocks"] is True and "profile" in candidates and "reference" in candidates
+    autotune = json.loads((out / "bench_autotune.json").read_text())
+    assert autotune["config"]["compile_mode"] == "max-autotune-no-cudagraphs" and "reference" not in autotune
+    assert json.loads((out / "eval.json").read_text())["metrics"]["cb"] is not None
+    assert (out / "train_log.jsonl").read_text().count("\n") >= 2
+    assert "bench_candidates.json: cpu" in summary and "nanocb/reference" in summary and "profile, " in summary
+
+
+def test_gpu_check_goes_on_after_a_failing_part_and_says_which_failed(tmp_path):
+    p = gpu_check(tmp_path, "--cpu", PYTHON="false")
+    summary = (tmp_path / "out" / "summary.txt").read_text()
+    assert p.returncode == 1
+    assert all(f"{name}: exit 1, " in summary for name in PARTS), summary
+    p = gpu_check(tmp_path, "--cpu", BUDGET_S="10")  # no time for any part: each is skipped, and said so
+    assert p.returncode == 1 and all(f"{name}: skipped" in p.stdout for name in PARTS), p.stdout
+    p = gpu_check(tmp_path, "--cpu", PYTHON="false", PARTS="env tiny_eval")  # only the parts named
+    summary = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert [line.split(":")[0] for line in summary[:3]] == ["env", "tiny_eval", "--- figures"], summary
