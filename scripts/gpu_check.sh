@@ -76,7 +76,7 @@ for name in (\"transformers\", \"peft\", \"triton\"):
     except ImportError:
         print(name, \"missing\")'"
 
-part bench_candidates 220 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" --compile_blocks=True --profile=True \
+part bench_candidates 260 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" --compile_blocks=True --profile=True \
   --out="$OUT/bench_candidates.json"
 
 part tiny_setup 60 "$PYTHON" -c "
