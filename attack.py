@@ -272,7 +272,7 @@ def candidates(grad, W, allowed, adv, gen):
     """n_candidates copies of adv, each with one position swapped for one of that position's top-k allowed
     tokens, ranked by the one-hot gradient (by the chain rule, grad @ W^T: grad the loss's gradient at the
     adversarial embeddings (n_adv, dim), W the embedding matrix). -> (n_candidates, n_adv) ids, on the CPU."""
-    top = allowed[(-(grad @ W[allowed].t())).topk(min(topk, len(allowed)), dim=1).indices].cpu()  # (n_adv, k)
+    top = allowed[(-(grad @ W.t())[:, allowed]).topk(min(topk, len(allowed)), dim=1).indices].cpu()  # (n_adv, k)
     pos = torch.randint(0, len(adv), (n_candidates,), generator=gen)
     cands = torch.tensor(adv).repeat(n_candidates, 1)
     cands[torch.arange(n_candidates), pos] = top[pos, torch.randint(0, top.shape[1], (n_candidates,), generator=gen)]
@@ -351,14 +351,12 @@ def embed_budget(model, allowed):
     return float(embed_eps * unit)
 
 
-def project(model, allowed, e, eps):
-    """Each vector of e (R, n, dim) brought within eps (in embed_norm) of its nearest real embedding among the
-    allowed tokens (nearest in L2) -> (the vectors, the distance of each to that embedding (R, n))."""
-    W = model.embed_tokens.weight.detach()
-    flat = e.reshape(-1, e.shape[-1]).to(W.dtype)
-    # squared L2 distance to each allowed embedding, less |e|^2 (the same for all of them)
-    d2 = (torch.linalg.vector_norm(W, dim=-1, dtype=torch.float32) ** 2 - 2 * (flat @ W.t()).float())[:, allowed]
-    anchor = W[allowed[d2.argmin(-1)]].float().view_as(e)
+def project(e, E, eps):
+    """Each vector of e (R, n, dim) brought within eps (in embed_norm) of its nearest row of E, the real
+    embeddings (nearest in L2) -> (the vectors, the distance of each to that embedding (R, n))."""
+    flat = e.reshape(-1, e.shape[-1])
+    nearest = ((E * E).sum(-1) - 2 * flat @ E.t()).argmin(-1)  # the squared L2 distance less |e|^2
+    anchor = E[nearest].view_as(e)
     delta = e - anchor
     if embed_norm == "l2":
         delta = delta * (eps / delta.norm(dim=-1, keepdim=True).clamp(min=eps))
@@ -381,6 +379,7 @@ def embedding_attack(model, head, tok, case, lay, adv, target, allowed, eps, gen
     starts = [adv] + [allowed[torch.randint(0, len(allowed), (len(adv),), generator=gen)].tolist()
                       for _ in range(R - 1)]
     e = W[torch.tensor(starts, device=dev)].detach().float()
+    E = W.detach()[allowed].float()
     rest = W[torch.tensor(lay["tail"] + target[:-1], device=dev)].detach()
     tail = rest[:len(lay["tail"])].expand(R, -1, -1)
     tgt = torch.tensor(target, device=dev)
@@ -400,7 +399,7 @@ def embedding_attack(model, head, tok, case, lay, adv, target, allowed, eps, gen
         loss = target_loss(model, head, prefix, torch.cat([x.to(W.dtype), rest.expand(R, -1, -1)], 1), tgt)
         (grad,) = torch.autograd.grad(loss.sum(), x)
         rec["loss"] = min(rec["loss"] or float("inf"), float(loss.detach().min()))
-        e, dist = project(model, allowed, e - step_size * grad.sign(), eps)
+        e, dist = project(e - step_size * grad.sign(), E, eps)
         rec["distance"] = max(rec["distance"], float(dist.max()))
     rec.update(seconds=round(time.time() - t0, 2), vectors=e)
     return rec
