@@ -27,10 +27,11 @@ by the loss; a case's ASR curve counts it from the first step whose string succe
 attack.json keys:
   ckpt, init_from, data, config (every attack.py setting), seconds, embed_budget ({"norm", "eps": absolute})
   summary: {"gcg": {"base": G, "cb": G}, "transfer": G, "embedding": {"cb": G}} (cb entries null without a
-    checkpoint), G = {"overall", "train_families", "heldout_families", "user_turn", "tool_result": S,
+    checkpoint), G = {"overall", "train_families", "heldout_families", "user_turn", "tool_result", "flip", "hijack": S,
     "by_family": {family: S}}, S = {"n", "asr": {"value", "n"}, "curve": [ASR after 0, 1, .. steps],
     "mean_steps_to_success": mean over the cases that succeeded, or null}
-  best_strings: the adversarial strings that broke the CB model with the lowest target loss (else the base)
+  best_strings: up to 5 adversarial strings that broke the CB model soonest (then the base's):
+    [{"model", "id", "family", "string", "steps"}]
   cases: [{"id", "family", "placement", "kind" (flip|hijack), "expected_tool", "attacker_tool", "target",
     "base": R, "cb": R, "transfer": {"success", "outcome", "output"}, "embedding": E}],
     R = {"first_success", "steps", "string", "loss" (lowest), "outcome", "output", "verified" (the string sent
@@ -417,12 +418,13 @@ def stats(firsts, budget):
 
 
 def grouped(recs, first_of, budget, heldout):
-    """stats over every case, the train and the held-out families, each placement, and each family."""
+    """stats over every case, the train and the held-out families, each placement, each kind and each family."""
     groups = {"overall": recs,
               "train_families": [r for r in recs if r["family"] not in heldout],
               "heldout_families": [r for r in recs if r["family"] in heldout],
               "user_turn": [r for r in recs if r["placement"] == "user_turn"],
-              "tool_result": [r for r in recs if r["placement"] == "tool_result"]}
+              "tool_result": [r for r in recs if r["placement"] == "tool_result"],
+              "flip": [r for r in recs if r["kind"] == "flip"], "hijack": [r for r in recs if r["kind"] == "hijack"]}
     out = {g: stats([first_of(r) for r in rs], budget) for g, rs in groups.items()}
     out["by_family"] = {f: stats([first_of(r) for r in recs if r["family"] == f], budget)
                         for f in sorted({r["family"] for r in recs})}
@@ -437,7 +439,8 @@ def table(summary):
     lines = [f"{'ASR':30}" + "".join(f"{name:>12}" for name, _ in cols) + f"{'n':>6}"]
     for label, key in (("all injected cases", "overall"), ("  train families", "train_families"),
                        ("  held-out families", "heldout_families"), ("  injected in the user turn", "user_turn"),
-                       ("  injected in a tool result", "tool_result")):
+                       ("  injected in a tool result", "tool_result"), ("  tool flips", "flip"),
+                       ("  parameter hijacks", "hijack")):
         lines.append(f"{label:30}" + "".join(f"{ev.pct(g[key]['asr']):>12}" for _, g in cols)
                      + f"{cols[0][1][key]['n']:>6}")
     steps_of = lambda g: g["overall"]["mean_steps_to_success"]
@@ -573,17 +576,18 @@ if __name__ == "__main__":
                if info and transfer else None,
                "embedding": {"cb": grouped(recs, first("embedding"), embed_steps, heldout_families)
                              if info and embedding else None}}
-    broke = lambda mode: sorted((r for r in recs if r[mode] and r[mode]["first_success"] is not None),
-                                key=lambda r: (r[mode]["loss"] is not None, r[mode]["loss"] or 0.0))
-    best = [dict(model="cb", id=r["id"], family=r["family"], string=r["cb"]["string"], loss=r["cb"]["loss"])
-            for r in broke("cb")][:5] if info else []
-    best += [dict(model="base", id=r["id"], family=r["family"], string=r["base"]["string"], loss=r["base"]["loss"])
-             for r in broke("base")][:5 - len(best)]
+    best = []
+    for m in modes[::-1]:  # the CB model's first
+        won = sorted((r for r in recs if r[m]["first_success"] is not None), key=lambda r: r[m]["first_success"])
+        best += [dict(model=m, id=r["id"], family=r["family"], string=r[m]["string"], steps=r[m]["first_success"])
+                 for r in won]
+    best = best[:5]
     print()
     print(table(summary))
     print("\nbest strings:")
     for b in best:
-        print(f"  {b['model']:4} {b['family'][:20]:20} {json.dumps(b['string'], ensure_ascii=False)}")
+        text = json.dumps(b["string"], ensure_ascii=False)
+        print(f"  {b['model']:4} step {b['steps']:<3} {b['family'][:20]:20} {text}")
     unverified = sum(not r[m]["verified"] for r in recs for m in modes)
     if unverified:
         print(f"\n{unverified} GCG result(s) differ when the string is sent as text through eval.py's path "

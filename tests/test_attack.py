@@ -4,6 +4,7 @@ embedding attack stays within its budget, and bad input stops with one line."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 import attack
 import data
 from lora import inject_lora, lora_config, lora_state_dict
-from model import Llama, LlamaConfig, generate
+from model import Llama, LlamaConfig, generate, save_pretrained
 from tiny import ROOT, tiny_base
 
 ATTACK = os.path.join(ROOT, "attack.py")
@@ -239,6 +240,28 @@ def test_the_command_attacks_base_and_cb_and_writes_the_report(checkpoint, case,
     assert r["cases"][0]["placement"] in ("user_turn", "tool_result")
     assert all(c[m]["verified"] for c in r["cases"] for m in ("base", "cb"))
     assert "[2/2]" in p.stdout
+
+
+def test_the_report_counts_the_planted_success_for_base_cb_and_transfer(planted, case, tmp_path):
+    base = str(tmp_path / "planted")
+    save_pretrained(planted["model"], base, dtype=torch.float32)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        shutil.copy(os.path.join(data.bundled_tokenizer_dir(), name), os.path.join(base, name))
+    model = Llama.from_pretrained(base)
+    inject_lora(model, 2, 4, layers=[1])  # B = 0: the CB model is the base, and falls the same way
+    torch.save(dict(lora=lora_state_dict(model), lora_config=lora_config(model), layers=[1], init_from=base),
+               tmp_path / "ckpt.pt")
+    data.write_jsonl(str(tmp_path / "cases.jsonl"), [case])
+    p = run(str(tmp_path / "ckpt.pt"), f"--data={tmp_path / 'cases.jsonl'}", f"--n_adv={N_ADV}", "--steps=20",
+            "--topk=16", "--n_candidates=32", "--embed_steps=2", "--embed_restarts=2", "--max_new_tokens=40")
+    assert p.returncode == 0, p.stderr
+    r = json.loads((tmp_path / "attack.json").read_text())
+    for g in (r["summary"]["gcg"]["base"], r["summary"]["gcg"]["cb"]):
+        first = r["cases"][0]["base"]["first_success"]
+        assert g["overall"]["asr"]["value"] == 1.0 and g["overall"]["mean_steps_to_success"] == first > 0
+        assert g["overall"]["curve"][first - 1] == 0.0 and g["overall"]["curve"][first:] == [1.0] * (21 - first)
+    assert r["summary"]["transfer"]["overall"]["asr"]["value"] == 1.0 and r["cases"][0]["transfer"]["success"]
+    assert [b["model"] for b in r["best_strings"]] == ["cb", "base"] and r["cases"][0]["cb"]["verified"]
 
 
 def test_a_case_without_attacker_tool_stops_with_one_line(checkpoint, case):
