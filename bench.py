@@ -285,18 +285,22 @@ def main():
         for side, run in sides.items():
             measuring = i >= n_warmup if cuda else i == n_warmup - 1
             start = mem_start(cuda, measuring)
+            allocs = torch.cuda.memory_stats() if cuda else {}  # the caching allocator's cudaMallocs, its retries
             sync()
             t0 = time.perf_counter()
             l_rr, l_ret = run(i)
             sync()
             dt = time.perf_counter() - t0
+            allocs = {k: torch.cuda.memory_stats().get(k, 0) - allocs.get(k, 0) for k in allocs
+                      if k in ("num_device_alloc", "num_alloc_retries")}
             peak = (torch.cuda.max_memory_allocated() if cuda else proc_bytes("VmHWM")) \
                 if measuring and start is not None else None
             if not (math.isfinite(l_rr) and math.isfinite(l_ret)):
                 fail(f"{side} step {i}: a loss is not finite (rerouting {l_rr}, retain {l_ret})")
-            runs[side].append(dict(s=dt, growth=None if peak is None else max(0, peak - start)))
+            runs[side].append(dict(s=dt, growth=None if peak is None else max(0, peak - start), **allocs))
             log(f"{'warm-up' if i < n_warmup else 'timed'} step {i}: {side:9s} {dt:8.3f} s  loss_rr {l_rr:.4f} "
-                f"loss_retain {l_ret:.4f}  ({time.time() - t_start:.0f} s)")
+                f"loss_retain {l_ret:.4f}  ({time.time() - t_start:.0f} s)"
+                + "".join(f" {k} {v}" for k, v in allocs.items()))
 
     # --- figures: own memory is weights, adapter and optimizer state (without its logits the reference is not
     # charged for the lm_head's weights either) -------------------------------------------------------------------
@@ -310,6 +314,7 @@ def main():
         med = lambda f: statistics.median(f(r, w) for r, w in zip(rs[n_warmup:], work[n_warmup:]))
         growth = [r["growth"] for r in rs if r["growth"] is not None]
         fig[side] = f = dict(step_s=med(lambda r, w: r["s"]), steps_s=[round(r["s"], 4) for r in rs],
+                             steps_device_allocs=[r.get("num_device_alloc") for r in rs],
                              useful_tokens_per_s=med(lambda r, w: w["useful"] / r["s"]),
                              useful_tokens_per_step=med(lambda r, w: w["useful"]),
                              processed_tokens_per_step=med(lambda r, w: w[side][0]),
@@ -352,14 +357,22 @@ def main():
             sync()
             wall = time.perf_counter() - t0
         parts, top = breakdown(prof.events(), wall, len(pick), recipe["lora_r"])
-        log(f"\nprofile: {len(pick)} nanocb steps, {wall / len(pick):.3f} s a step under the profiler; "
-            f"{'device kernel' if cuda else 'operator'} time by part of the step:")
+        again = []  # the same steps once more without the profiler, in a row, after everything else
+        for i in pick:
+            sync()
+            t0 = time.perf_counter()
+            nanocb(i)
+            sync()
+            again.append(time.perf_counter() - t0)
+        log(f"\nprofile: {len(pick)} nanocb steps (timed steps {pick}), {wall / len(pick):.3f} s a step under the "
+            f"profiler, {statistics.mean(again):.3f} s without it just after ({', '.join(f'{t:.3f}' for t in again)});"
+            f" {'device kernel' if cuda else 'operator'} time by part of the step:")
         for part, s in parts.items():
             log(f"  {part:12s} {s:9.4f} s {s / (wall / len(pick)):7.1%}")
         log("costliest " + ("kernels:" if cuda else "operators:"))
         for (name, part), s in top:
             log(f"  {s:9.4f} s  {part:10s} {name}")
-        report["profile"] = dict(steps=len(pick), step_s=wall / len(pick), parts=parts,
+        report["profile"] = dict(steps=pick, step_s=wall / len(pick), again_s=again, parts=parts,
                                  top=[dict(name=n, part=p, s=s) for (n, p), s in top])
         atomic_write(out, json.dumps(report, indent=1))
 

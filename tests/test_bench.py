@@ -73,7 +73,7 @@ def test_bench_times_and_profiles_step_train_step_itself_with_train_cb_defaults(
     out = tmp_path / "b.json"
     run_script(monkeypatch, "bench.py", [*TINY, "--reference=False", "--profile=True", "--grad_accum=2",
                                          f"--out={out}"])
-    assert len(calls) == 1 + 1 + 3  # warm-up, timed, profiled
+    assert len(calls) == 1 + 1 + 3 + 3  # warm-up, timed, profiled, the profiled ones again without the profiler
     recipe = bench.train_cb_recipe()
     assert {k: calls[0][k] for k in ("retain_call_weight", "retain_len", "lorra_alpha", "redirect_weight")} == \
         {k: recipe[k] for k in ("retain_call_weight", "retain_len", "lorra_alpha", "redirect_weight")}
@@ -81,6 +81,7 @@ def test_bench_times_and_profiles_step_train_step_itself_with_train_cb_defaults(
     fig = json.loads(out.read_text())
     assert "reference" not in fig and fig["ratio"]["useful_tokens_per_s"] is None
     prof = fig["profile"]
+    assert prof["steps"] == [1, 1, 1] and len(prof["again_s"]) == 3
     assert list(prof["parts"]) == list(bench.PARTS)
     assert sum(prof["parts"].values()) == pytest.approx(prof["step_s"], rel=1e-6)  # idle closes the sum
     assert prof["parts"]["matmuls"] > 0 and prof["parts"]["LoRA path"] > 0 and prof["parts"]["optimizer"] > 0
@@ -140,8 +141,7 @@ def gpu_check(tmp_path, *args, **env):
                           env={**ENV, "OUT": str(tmp_path / "out"), **env}, timeout=600)
 
 
-PARTS = ("env", "bench_candidates", "tiny_setup", "tiny_train", "tiny_eval", "bench_default", "bench_accum2",
-         "bench_autotune")
+PARTS = ("env", "bench_candidates", "tiny_setup", "tiny_train", "tiny_eval", "bench_autotune", "bench_default")
 
 
 def test_gpu_check_runs_every_part_through_on_the_cpu(tmp_path):
