@@ -7,8 +7,8 @@
 #   bench_default     the 8B bench as train_cb.py compiles today (the whole model), nanocb alone, if time is left
 # (--grad_accum=2, two micro-batches each padded to its own longest, is another switch of bench.py's.)
 # Each part runs under its own time limit and the script goes on when one fails or times out: one failure loses
-# nothing else. Everything lands in $OUT: NAME.log per part, bench_*.json, train_log.jsonl, eval.json, and
-# summary.txt (each part's exit status and seconds, then the figures).
+# nothing else. $OUT ends with summary.txt (each part's exit status and seconds, then the figures) and
+# gpu_check.tar.gz: NAME.log per part, bench_*.json, train_log.jsonl, eval.json (loose until the script ends).
 #
 #     OUT=/tmp/check bash scripts/gpu_check.sh          # on the GPU machine
 #     OUT=/tmp/check bash scripts/gpu_check.sh --cpu    # every part in miniature on the CPU: a dry run
@@ -136,6 +136,9 @@ if os.path.exists(e):
             o = m[side]["overall"]
             print(f"eval.json {side}: {o['n']} cases, outcomes {o['outcomes']}")
 EOF
+# the GPU machine brings back a few files only: everything else in one archive beside summary.txt
+(cd "$OUT" && files=$(ls | grep -v -x -e summary.txt -e gpu_check.tar.gz) \
+  && [ -n "$files" ] && tar czf gpu_check.tar.gz $files && rm -f $files)
 echo "--- $OUT/summary.txt"
 cat "$OUT/summary.txt"
 exit $failed

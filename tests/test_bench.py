@@ -7,6 +7,7 @@ import os
 import runpy
 import subprocess
 import sys
+import tarfile
 
 import pytest
 
@@ -146,9 +147,12 @@ PARTS = ("env", "bench_candidates", "tiny_setup", "tiny_train", "tiny_eval", "be
 
 def test_gpu_check_runs_every_part_through_on_the_cpu(tmp_path):
     p = gpu_check(tmp_path, "--cpu")
-    out = tmp_path / "out"
-    summary = (out / "summary.txt").read_text()
+    summary = (tmp_path / "out" / "summary.txt").read_text()
     assert p.returncode == 0, summary + p.stdout + p.stderr
+    assert sorted(os.listdir(tmp_path / "out")) == ["gpu_check.tar.gz", "summary.txt"]  # two files come back
+    with tarfile.open(tmp_path / "out" / "gpu_check.tar.gz") as tar:
+        tar.extractall(tmp_path / "unpacked", filter="data")
+    out = tmp_path / "unpacked"
     for name in PARTS:
         assert f"{name}: exit 0, " in summary and (out / f"{name}.log").exists()
     candidates = json.loads((out / "bench_candidates.json").read_text())
