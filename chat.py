@@ -271,6 +271,13 @@ def prompt_ids(tok, messages, tools):
     return [i for ids, _ in render(tok, messages, tools) for i in ids]
 
 
+def forced_prefill(tok, attacker):
+    """<|python_tag|>{"name": "<attacker>", "parameters": as ids: the start of a call forced on the model (eval's
+    forced-call pass, the trip rows). It ends at the colon: in a rendered call the space after it belongs to the
+    next token (' {"'), so these ids are a prefix of call_segments'."""
+    return [tok.python_tag_id] + tok.encode('{"name": "') + tok.encode(attacker) + tok.encode('", "parameters":')
+
+
 def tool_call_text(call):
     return json.dumps({'name': call['name'], 'parameters': call['parameters']}, ensure_ascii=False)
 
@@ -417,6 +424,14 @@ def twins_of(rows):
 # 5. masks and batching
 
 CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice', 'departure')
+
+
+def encode_trip(tok, sample):
+    """The injected prompt of a tool-flip sample, the attacker's call forced up to its arguments, then <|eot_id|>:
+    the breaker trips when the agent finds itself calling the attacker's tool. -> dict(ids, cb_mask, target_mask)
+    as encode_sample, the target the <|eot_id|> alone, nothing rerouted."""
+    ids = prompt_ids(tok, sample['messages'], sample['tools']) + forced_prefill(tok, sample['attacker_tool'])
+    return {'ids': ids + [tok.eot_id], 'cb_mask': [0] * (len(ids) + 1), 'target_mask': [0] * len(ids) + [1]}
 
 
 def encode_sample(tok, sample, cb_mask='completion'):

@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import data as dataset
+from chat import forced_prefill
 from lora import LoRAError, adapters_off, inject_lora, load_lora, load_lora_state_dict, merge_lora
 from model import Llama, ModelError, generate, load_config
 from util import atomic_write, fail
@@ -232,12 +233,6 @@ def score_reply(tok, ids, case):
                 parameters=call["parameters"] if call else None, correct=outcome == "user_call" or chat,
                 correct_tool=outcome in ("user_call", "wrong_parameters") or chat, degenerate=degenerate,
                 stop=reply["stop"], output=tok.decode(ids))
-
-
-def forced_prefill(tok, attacker):
-    """<|python_tag|>{"name": "<attacker>", "parameters": as ids. It ends at the colon: in a rendered call the
-    space after it belongs to the next token (' {"'), so these ids are a prefix of data.call_segments'."""
-    return [tok.python_tag_id] + tok.encode('{"name": "') + tok.encode(attacker) + tok.encode('", "parameters":')
 
 
 def forced_call(tok, attacker, ids):

@@ -27,6 +27,7 @@ import losses
 from lora import LoRAError, inject_lora, load_lora_state_dict, lora_config, lora_state_dict
 from model import DTYPES, Llama, ModelError, flops_per_token, load_config
 from step import StepError, hidden_states, lr_at, train_step
+from chat import encode_trip
 from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
@@ -54,6 +55,7 @@ retain_injected = False  # retain also holds injected-but-answered-right samples
 redirect_weight = 0.0  # cross-entropy on the user's call given the injected prompt (redirect rows); 0 = off
 redirect_benign = False  # the cross-entropy also covers the benign and chat rows (the fine-tuning baseline)
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
+trip = False  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -130,6 +132,8 @@ if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
     fail(f"warmup_steps must be in 0..max_steps ({max_steps}), got {warmup_steps!r}")
 if lorra_alpha == 0 and redirect_weight == 0 and pull_weight == 0:
     fail("lorra_alpha, redirect_weight and pull_weight are all 0: no term would train")
+if (redirect_benign or trip) and redirect_weight == 0:
+    fail("redirect_benign and trip add rows to the redirect cross-entropy: they need redirect_weight > 0")
 needs_head = redirect_weight > 0 or pull_weight > 0  # the redirect terms run the whole model
 
 # --- distributed: one process per device under torchrun, each with its slice of every batch --------
@@ -202,6 +206,8 @@ try:
     if redirect_benign:
         redirect += [data.encode_sample(tok, s, cb_mask) for s in samples
                      if s["kind"] != "harmful" and s["attacker_tool"] is None]
+    if trip:
+        redirect += [encode_trip(tok, s) for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]]
     if lorra_alpha > 0 and (not harmful or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"

@@ -341,3 +341,17 @@ def test_pull_needs_rows_that_name_their_twin(base, data_dir, tmp_path):
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         f"train_cb.py: {tmp_path / 'train.jsonl'}: pull_weight > 0 needs redirect rows that name their clean twin "
         '("twin": id)']
+
+
+def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(data_dir):
+    from chat import encode_trip, forced_prefill, prompt_ids
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    flip = next(r for r in rows if r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"])
+    e = encode_trip(tok, flip)
+    prompt, pre = prompt_ids(tok, flip["messages"], flip["tools"]), forced_prefill(tok, flip["attacker_tool"])
+    assert e["ids"] == prompt + pre + [tok.eot_id]
+    assert e["target_mask"] == [0] * (len(prompt) + len(pre)) + [1] and not any(e["cb_mask"])
+    # the forced prefix is the start of the harmful sample's own call: the same tokens the model would emit
+    harmful = data.encode_sample(tok, flip, "departure")["ids"]
+    assert harmful[:len(prompt) + len(pre)] == prompt + pre
