@@ -25,7 +25,7 @@ import torch.distributed as dist
 import data
 import losses
 from lora import LoRAError, inject_lora, load_lora_state_dict, lora_config, lora_state_dict
-from model import DTYPES, Llama, ModelError, flops_per_token, load_config
+from model import DTYPES, Llama, ModelError, compile_blocks, flops_per_token, load_config
 from step import StepError, hidden_states, lr_at, train_step
 from chat import encode_trip
 from util import atomic_write, fail
@@ -173,7 +173,13 @@ except (ModelError, LoRAError, data.DataError) as e:
     fail(str(e))
 model.to(device)
 model.grad_checkpoint = grad_checkpoint
-fmodel = torch.compile(model) if compile else model  # adapters_off flips a flag: two graphs, both cached
+if compile:  # each block compiled in place, one graph for all of them: a first compile the size of one block
+    # (a whole-model compile of the 8B step had not finished after 270 s on an H100). Lengths, train/eval and
+    # adapters on/off give each block a handful of graph variants: allow them.
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    compile_blocks(model)
+fmodel = model
 
 # --- data: harmful samples are rerouted, benign and retain samples are kept in place ----------------
 train_path = train_file or os.path.join(data_dir, "train.jsonl")
@@ -245,8 +251,8 @@ def validation_cosine():
     for i in range(0, len(val), micro):
         b = {k: v.to(device) for k, v in data.collate(val[i:i + micro], tok.pad_id).items()}
         with autocast:
-            lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, stop=max(layers), dynamic=compile)
-            frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=max(layers), dynamic=compile)
+            lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, stop=max(layers))
+            frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=max(layers))
         parts.append(losses.rerouting_diagnostics(lora_h[list(layers)], frozen_h[list(layers)], b["cb_mask"]))
     model.train()
     return losses.merge_diagnostics(parts)["cos_mean"]
@@ -316,7 +322,7 @@ while step < max_steps:
     logging = step % log_interval == 0
     try:
         record = train_step(model, fmodel, optimizer, params, batches, step, config, tok.pad_id, device, autocast,
-                            rank, world, logging, dynamic=compile)
+                            rank, world, logging)
     except StepError as e:
         fail(str(e))
     terms = record.pop("terms")
