@@ -1,14 +1,15 @@
 """
-The ablations users ask for first, on the model organism, as one table: two target layers vs all middle
-layers, the four cb_mask modes, and each departure of the default from the original recipe taken back alone,
-then all together. Each row trains a circuit breaker (train_cb.py config/organism.py plus the row's overrides)
-and evaluates it (eval.py, no forced-call pass), in subprocesses.
+The ablations users ask for first, on the model organism, as one table: the default recipe, each of its terms
+alone, the breaker of the previous round, adversarial fine-tuning alone (config/sft.py) and the original
+recipe. Each row trains (train_cb.py config/organism.py plus the row's overrides) and evaluates (eval.py with
+the forced-call pass), in subprocesses.
 
-    python ablate.py                       # after organism.py; about 36 minutes on 2 CPU cores
+    python ablate.py                       # after organism.py; about 12 minutes a row on 2 CPU cores
     python ablate.py --max_steps=60        # a train_cb.py or eval.py setting: to each of them that has it
     python ablate.py --device=cuda --dtype=bfloat16   # settings both have go to both
     python ablate.py --rows=1,2            # only these rows; the others are read back from out/ablate/N
     python ablate.py --rows="()"           # no row run: the table of what out/ablate/ holds
+    python ablate.py --data=data/val.jsonl # eval.py's --data: choose settings on val, report test
 """
 
 import json
@@ -18,16 +19,17 @@ import sys
 
 from util import fail
 
-ORIGINAL = ["--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0"]
+NO_REDIRECT = ["--redirect_weight=0.0", "--redirect_benign=False", "--trip=False"]
+ORIGINAL = ["--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0",
+            "--retain_len=1024", *NO_REDIRECT]
 ROWS = [  # (name, train_cb.py overrides)
-    ("default: layers 1,3, tool_choice mask, retain replies x6", []),
-    ("layers 1,2,3 (all middle)", ["--layers=1,2,3"]),
-    ("cb_mask=tool_name", ["--cb_mask=tool_name"]),
-    ("cb_mask=completion", ["--cb_mask=completion"]),
-    ("cb_mask=full (the original's)", ["--cb_mask=full"]),
-    ("retain_call_weight=1 (the original's retain)", ["--retain_call_weight=1.0"]),
-    ("retain_injected=True (resisted injections held)", ["--retain_injected=True"]),
-    ("the original recipe (all four, B=0)", ORIGINAL),
+    ("default: departure rerouting + retain + redirect (user's call, benign replies, trip rows)", []),
+    ("rerouting + retain alone (departure mask)", NO_REDIRECT),
+    ("redirect alone (no rerouting, no retain)", ["--lorra_alpha=0.0"]),
+    ("default without the trip rows", ["--trip=False"]),
+    ("the previous default (tool_choice mask, no redirect)", ["--cb_mask=tool_choice", *NO_REDIRECT]),
+    ("adversarial fine-tuning alone (config/sft.py)", ["config/sft.py"]),
+    ("the original recipe (full mask, retain x1 and resisted rows, B=0, 1024)", ORIGINAL),
 ]
 
 # -----------------------------------------------------------------------------
@@ -65,27 +67,23 @@ for i, (name, overrides) in enumerate(ROWS):
     out_dir = os.path.join(os.path.abspath(out_root), str(i))  # the runs' cwd is this file's directory
     if i in rows:
         run(["train_cb.py", "config/organism.py", *overrides, *forward["train_cb.py"], f"--out_dir={out_dir}"])
-        run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--forced=False", *forward["eval.py"],
+        run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--representation=False", *forward["eval.py"],
              f"--out={out_dir}/eval.json"])
     if not os.path.isfile(os.path.join(out_dir, "eval.json")):
         continue
     with open(os.path.join(out_dir, "eval.json")) as f:
         ev = json.load(f)
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        log = [json.loads(line) for line in f]
-    cos = [r["cos_mean"] for r in log if "cos_mean" in r][-1]
-    val_cos = [r["val_cos"] for r in log if "val_cos" in r][-1]
-    call_cos = [r["call_cos"] for r in log if "call_cos" in r][-1]
     base, cb = ev["metrics"]["base"], ev["metrics"]["cb"]
-    table.append((name, f"{pct(base['train_families'], 'asr')} → {pct(cb['train_families'], 'asr')}",
-                  f"{pct(base['heldout_families'], 'asr')} → {pct(cb['heldout_families'], 'asr')}",
-                  f"{pct(base['clean'], 'benign_acc')} → {pct(cb['clean'], 'benign_acc')}",
-                  pct(cb["clean"], "attacker_tool_benign_acc"), pct(cb["clean"], "degenerate_clean"),
-                  f"{cos:.3f} / {val_cos:.3f}", f"{call_cos:.3f}"))
+    both = lambda g, k: f"{pct(base[g], k)} → {pct(cb[g], k)}"
+    table.append((name, both("train_families", "asr"), both("heldout_families", "asr"),
+                  both("train_families", "resisted_correct_tool"), both("heldout_families", "resisted_correct_tool"),
+                  both("train_families", "forced_asr"), both("heldout_families", "forced_asr"),
+                  pct(cb["injected"], "malformed"), both("clean", "benign_acc"),
+                  pct(cb["clean"], "attacker_tool_benign_acc"), pct(cb["clean"], "degenerate_clean")))
     print(" | ".join(table[-1]), flush=True)
 
-print("\n| run | ASR train families | ASR held-out families | benign accuracy | search_web benign (CB) "
-      "| degenerate (clean, CB) | final rerouting cos (train / val) | final retain-reply cos |")
-print("|---|---|---|---|---|---|---|---|")
+print("\n| run | ASR train | ASR held-out | resisted and correct (tool) train | held-out | forced-call ASR train "
+      "| held-out | malformed, injected (CB) | benign accuracy | search_web benign (CB) | degenerate (clean, CB) |")
+print("|---|---|---|---|---|---|---|---|---|---|---|")
 for row in table:
     print("| " + " | ".join(row) + " |")

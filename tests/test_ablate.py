@@ -9,8 +9,9 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-METRICS = {g: {k: {"value": 0.5} for k in ("asr", "benign_acc", "attacker_tool_benign_acc", "degenerate_clean")}
-           for g in ("train_families", "heldout_families", "clean")}
+METRICS = {g: {k: {"value": 0.5} for k in ("asr", "benign_acc", "attacker_tool_benign_acc", "degenerate_clean",
+                                          "resisted_correct_tool", "forced_asr", "malformed")}
+           for g in ("train_families", "heldout_families", "clean", "injected")}
 STAND_IN = """
 import json, os, sys
 # -----------------------------------------------------------------------------
@@ -36,7 +37,7 @@ def ablate(tmp_path, *args):
         for name in ("ablate.py", "configurator.py", "util.py"):
             shutil.copy(os.path.join(ROOT, name), repo / name)
         settings = {"train_cb.py": "out_dir = 'out'\nmax_steps = 150\ndevice = 'cpu'\ncb_mask = 'tool_choice'",
-                    "eval.py": "out = ''\nn_cases = 0\ndevice = 'cpu'\nforced = True"}
+                    "eval.py": "out = ''\nn_cases = 0\ndevice = 'cpu'\nforced = True\nrepresentation = True"}
         for name, block in settings.items():
             (repo / name).write_text(STAND_IN % (block, METRICS, METRICS))
     p = subprocess.run([sys.executable, str(repo / "ablate.py"), f"--out_root={tmp_path / 'runs'}", *args],
@@ -57,23 +58,24 @@ def test_each_setting_goes_to_the_scripts_that_have_it(tmp_path):
     rc, out, err = ablate(tmp_path, "--rows=0,2", "--max_steps=5", "--n_cases=7", "--device=cuda", "--forced")
     assert rc == 0, err
     train, ev = argv(tmp_path, 2, "train_cb.py"), argv(tmp_path, 2, "eval.py")
-    assert train == ["config/organism.py", "--cb_mask=tool_name", "--max_steps=5", "--device=cuda",
+    assert train == ["config/organism.py", "--lorra_alpha=0.0", "--max_steps=5", "--device=cuda",
                      f"--out_dir={tmp_path / 'runs' / '2'}"]
-    assert ev == [str(tmp_path / "runs" / "2" / "ckpt.pt"), "--forced=False", "--n_cases=7", "--device=cuda",
-                  "--forced", f"--out={tmp_path / 'runs' / '2'}/eval.json"]
+    assert ev == [str(tmp_path / "runs" / "2" / "ckpt.pt"), "--representation=False", "--n_cases=7",
+                  "--device=cuda", "--forced", f"--out={tmp_path / 'runs' / '2'}/eval.json"]
     assert sorted(os.listdir(tmp_path / "runs")) == ["0", "2"]
-    assert table(out) == ["default: layers 1,3, tool_choice mask, retain replies x6", "cb_mask=tool_name"]
+    assert table(out) == ["default: departure rerouting + retain + redirect (user's call, benign replies, trip rows)",
+                          "redirect alone (no rerouting, no retain)"]
 
 
 def test_no_rows_runs_nothing_and_tabulates_what_is_there(tmp_path):
     assert ablate(tmp_path, "--rows=1")[0] == 0
     rc, out, err = ablate(tmp_path, "--rows=()", "--max_steps=5")
     assert rc == 0 and not [line for line in out.splitlines() if line.startswith("$ ")]
-    assert table(out) == ["layers 1,2,3 (all middle)"]
+    assert table(out) == ["rerouting + retain alone (departure mask)"]
 
 
 def test_bad_arguments_stop_with_one_line_before_any_run(tmp_path):
-    cases = [("--rows=9", "ablate.py: --rows=9: row numbers 0..7, comma-separated"),
+    cases = [("--rows=9", "ablate.py: --rows=9: row numbers 0..6, comma-separated"),
              ("--out_dir=x", "ablate.py: --out_dir=x: ablate.py sets it for each row; pass --out_root=DIR"),
              ("--lorra_alfa=3", "ablate.py: --lorra_alfa=3: unknown config key 'lorra_alfa'"),
              ("ckpt.pt", "ablate.py: ckpt.pt: not a config file (*.py) or --key=value, and ablate.py takes no "
