@@ -98,7 +98,7 @@ except data.DataError as e:
 # the circuit breaker's redirect term; here they would teach partial resistance.
 keep = lambda r: r["kind"] != "retain" or r["attacker_tool"] is None
 train = [data.encode_sample(tok, r) for r in rows if keep(r)]
-val = [data.encode_sample(tok, r) for r in val_rows if keep(r)][:256]
+val = [data.encode_sample(tok, r) for r in val_rows if r["attacker_tool"] is None][:256]  # val's clean requests
 
 # The organism trains in a compact vocabulary: every token of the train samples (prompts included, so a
 # call can copy any word it has read) plus the stop tokens, and one row for any other token. At save time
@@ -143,7 +143,8 @@ def completion_loss(batch, n_targets=None):
 
 @torch.no_grad()
 def evaluate():
-    """Teacher-forced accuracy on held-out samples: per completion token, and whole completions."""
+    """Teacher-forced accuracy on val's clean requests (its held-out templates): per completion token, and whole
+    completions (the parameters included: the organism must copy them from the request)."""
     model.eval()
     tok_ok = seq_ok = n_tok = 0
     for i in range(0, len(val), batch_size):

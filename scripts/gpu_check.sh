@@ -76,7 +76,7 @@ part() {  # part NAME LIMIT_S COMMAND...: COMMAND under `timeout` into $OUT/NAME
     | tee -a "$OUT/summary.txt"
 }
 
-part env 30 bash -c "nvidia-smi; $PYTHON -c '
+part env 120 bash -c "nvidia-smi; $PYTHON -c '
 import importlib, platform, torch
 print(platform.platform(), \"python\", platform.python_version(), \"torch\", torch.__version__, \"cuda\",
       torch.version.cuda, torch.cuda.is_available() and torch.cuda.get_device_name())

@@ -39,6 +39,7 @@ def run_script(monkeypatch, script, argv):
     runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
 
 
+@pytest.mark.slow
 def test_bench_times_both_implementations_and_writes_their_figures(tmp_path):
     out = tmp_path / "bench.json"
     p = subprocess.run([sys.executable, "bench.py", *TINY, f"--out={out}"], capture_output=True, text=True,
@@ -145,6 +146,7 @@ def gpu_check(tmp_path, *args, **env):
 PARTS = ("env", "bench_candidates", "tiny_setup", "tiny_train", "tiny_eval", "bench_autotune", "bench_default")
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_part_through_on_the_cpu(tmp_path):
     p = gpu_check(tmp_path, "--cpu")
     summary = (tmp_path / "out" / "summary.txt").read_text()
@@ -164,6 +166,7 @@ def test_gpu_check_runs_every_part_through_on_the_cpu(tmp_path):
     assert "bench_candidates.json: cpu" in summary and "nanocb/reference" in summary and "profile, " in summary
 
 
+@pytest.mark.slow
 def test_gpu_check_goes_on_after_a_failing_part_and_says_which_failed(tmp_path):
     p = gpu_check(tmp_path, "--cpu", PYTHON="false")
     summary = (tmp_path / "out" / "summary.txt").read_text()

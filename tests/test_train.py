@@ -196,6 +196,7 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(base, data_dir, refere
         assert {k: log[step][k] for k in keys} == pytest.approx({k: ref_log[step][k] for k in keys}, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_the_same_global_batch(base, data_dir, reference, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            *train_cmd(base, data_dir, tmp_path, *EXACT)]
@@ -208,6 +209,7 @@ def test_torchrun_two_processes_match_one_with_the_same_global_batch(base, data_
 
 # --- preemption, resume, checkpoint ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_sigterm_then_resume_equals_an_uninterrupted_run_bit_for_bit(base, data_dir, tmp_path):
     # dropout on, clipping on, cosine schedule with warmup: everything a resume has to restore
     n = 6
