@@ -42,6 +42,16 @@ def hidden_states(model, fmodel, ids, frozen, stop=None, dynamic=False):
     return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
 
 
+def retain_states(model, fmodel, ids, frozen, top, dynamic=False):
+    """hidden[0..top+1] as a model of blocks 0..top returns them (the original drops the blocks above its last
+    target layer), the last after the final norm, also when the redirect terms loaded every block."""
+    if len(model.layers) == top + 1:
+        return hidden_states(model, fmodel, ids, frozen, dynamic=dynamic)
+    h = hidden_states(model, fmodel, ids, frozen, stop=top + 1, dynamic=dynamic)
+    with torch.no_grad() if frozen else nullcontext():
+        return torch.cat([h[:-1], model.norm(h[-1:])])
+
+
 def coefficients(step, cfg):
     """(c_rr, c_retain) of 0-based optimizer step `step`. The original counts steps from 1 before it computes
     the schedule, so its first step already has progress 1 / (multiplier * max_steps), and its last step ends
@@ -102,8 +112,8 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
         if on["retain"]:
             b = {n: t.to(device, non_blocking=True) for n, t in piece(retain).items()}
             with autocast:
-                frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, dynamic=dynamic)
-                lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic)
+                frozen_h = retain_states(model, fmodel, b["ids"], True, top, dynamic)
+                lora_h = retain_states(model, fmodel, b["ids"], False, top, dynamic)
                 w = None
                 if cfg["retain_call_weight"] != 1.0:  # the replies (benign calls, chat answers) count more
                     w = 1.0 + (cfg["retain_call_weight"] - 1.0) * b["target_mask"].to(lora_h.dtype)

@@ -32,8 +32,10 @@ from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
 # defaults: the original Llama-3 recipe (lorra_alpha 10, r 16, lr 1e-4, 150 steps, batch 16, layers 10,20),
-# except where it was measured not to work (README, "Why the original recipe misses here"); the original's
-# choices are one switch away: --cb_mask=full --retain_call_weight=1 --retain_injected=True --lora_b_init_std=0
+# except where it was measured not to work (README, "Why the original recipe misses here"), plus the redirect
+# terms that keep the injected agent doing the user's task. The original is one switch away: --cb_mask=full
+# --retain_call_weight=1 --retain_injected=True --lora_b_init_std=0 --retain_len=1024 --redirect_weight=0
+# --redirect_benign=False --trip=False
 # I/O
 init_from = "organism"  # HF checkpoint dir of the base model, or 'resume' (continue out_dir/ckpt.pt)
 out_dir = "out"
@@ -46,16 +48,16 @@ n_val = 64
 # circuit breaker
 layers = (10, 20)  # target layers, HF hidden-state indexing: hidden[l] is the input of block l
 lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's transform_layers=-1
-cb_mask = "tool_choice"  # harmful tokens rerouted: 'tool_choice' | 'tool_name' | 'departure' | 'completion' | 'full'
+cb_mask = "departure"  # harmful tokens rerouted: 'departure' | 'tool_choice' | 'tool_name' | 'completion' | 'full'
 lorra_alpha = 10.0  # 0 = no rerouting and no retain term (with redirect_weight > 0: adversarial fine-tuning alone)
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
 retain_call_weight = 6.0  # retain distance on the retain samples' replies x this; 1.0 = the original
 retain_len = 256  # positions per sample the retain nanmean divides by, whatever the padding (the original: 1024)
 retain_injected = False  # retain also holds injected-but-answered-right samples (they fight the rerouting)
-redirect_weight = 0.0  # cross-entropy on the user's call given the injected prompt (redirect rows); 0 = off
-redirect_benign = False  # the cross-entropy also covers the benign and chat rows (the fine-tuning baseline)
+redirect_weight = 3.0  # cross-entropy on the user's call given the injected prompt (redirect rows); 0 = off
+redirect_benign = True  # the cross-entropy also covers the benign and chat replies
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
-trip = False  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
+trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
 # LoRA
 lora_r = 16
 lora_alpha = 16

@@ -8,3 +8,4 @@ redirect_weight = 1.0
 redirect_benign = True
 batch_size = 32
 grad_accum = 2
+trip = False

@@ -75,12 +75,16 @@ def test_injected_but_resisted_samples_join_the_retain_set_only_when_asked(base,
     resisted = sum(r["kind"] == "retain" and r["attacker_tool"] is not None for r in rows)
     kept = sum(r["kind"] != "harmful" and r["attacker_tool"] is None for r in rows)
     assert resisted and kept
-    p = run_train(base, data_dir, tmp_path / "a", "--max_steps=1")
+    off = ("--max_steps=1", "--redirect_weight=0", "--redirect_benign=False", "--trip=False")
+    p = run_train(base, data_dir, tmp_path / "a", *off)
     assert f"/ {kept} retain / 0 redirect samples ({resisted} injected-but-resisted samples kept out" in p.stdout
-    p = run_train(base, data_dir, tmp_path / "b", "--max_steps=1", "--retain_injected=True")
+    p = run_train(base, data_dir, tmp_path / "b", *off, "--retain_injected=True")
     assert f"/ {kept + resisted} retain / 0 redirect samples;" in p.stdout, p.stdout
-    p = run_train(base, data_dir, tmp_path / "c", "--max_steps=1", "--redirect_weight=1")
+    p = run_train(base, data_dir, tmp_path / "c", "--max_steps=1", "--redirect_benign=False", "--trip=False")
     assert f"/ {kept} retain / {resisted} redirect samples" in p.stdout, p.stdout
+    flips = sum(r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"] for r in rows)
+    p = run_train(base, data_dir, tmp_path / "d", "--max_steps=1")  # the defaults: + benign replies + trip rows
+    assert f"/ {kept} retain / {resisted + kept + flips} redirect samples" in p.stdout, p.stdout
 
 
 def test_eval_interval_zero_validates_and_saves_at_the_end_only(base, data_dir, tmp_path):
@@ -256,7 +260,8 @@ def test_checkpoint_loads_safely_and_records_its_origin(base, reference):
 
 
 def test_the_original_recipe_loads_blocks_up_to_the_last_target_layer(base, data_dir, tmp_path):
-    run_train(base, data_dir, tmp_path, "--max_steps=1")
+    run_train(base, data_dir, tmp_path, "--max_steps=1", "--redirect_weight=0", "--redirect_benign=False",
+              "--trip=False")
     ckpt = load_ckpt(tmp_path)
     assert ckpt["lora_config"]["layers"] == [0, 1, 2] and len(ckpt["lora"]) == 3 * 7 * 2
 
