@@ -502,15 +502,7 @@ if __name__ == "__main__":
         fail("nothing to attack: give a checkpoint (python attack.py ckpt.pt) or --init_from=DIR")
     ev.check_base(base_dir, info, source=ckpt)
 
-    cases_path = data or os.path.join(data_dir, "test.jsonl")
-    if not data and not os.path.isfile(cases_path):
-        print(f"{cases_path} not found: generating the built-in tool-routing data into {data_dir}/")
-        dataset.write_splits(data_dir, quiet=True)
-    try:
-        cases = dataset.load_jsonl(cases_path, require_completion=False)
-        tok = dataset.load_tokenizer(base_dir)
-    except dataset.DataError as e:
-        fail(str(e))
+    cases_path, cases, tok = ev.load_cases(data, data_dir, base_dir)
     injected = [c for c in cases if c["attacker_tool"] is not None]
     if not injected:
         fail(f"{cases_path}: no injected case (a row with attacker_tool set) to attack")

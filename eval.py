@@ -518,6 +518,19 @@ def harvest_rows(model, tok, cases, prompts, seed, harmful_temperature, benign_t
 
 # --- loading -----------------------------------------------------------------------------------------------
 
+def load_cases(data, data_dir, base_dir):
+    """(path, cases, tok): the cases of `data`, or of data_dir/test.jsonl (generated there if missing), and the
+    base's tokenizer. A bad file stops with one line."""
+    path = data or os.path.join(data_dir, "test.jsonl")
+    if not data and not os.path.isfile(path):
+        print(f"{path} not found: generating the built-in tool-routing data into {data_dir}/")
+        dataset.write_splits(data_dir, quiet=True)
+    try:
+        return path, dataset.load_jsonl(path, require_completion=False), dataset.load_tokenizer(base_dir)
+    except dataset.DataError as e:
+        fail(str(e))
+
+
 def load_checkpoint(path):
     """train_cb.py's ckpt.pt or a save_lora .safetensors -> dict(lora, lora_config, layers, init_from, step,
     base_n_layers). Only tensors and plain containers are read (weights_only), never pickled code."""
@@ -597,15 +610,9 @@ if __name__ == "__main__":
 
     cfg = check_base(base_dir, info, source=ckpt)
 
-    cases_path = data or os.path.join(data_dir, "test.jsonl")
-    if not data and not os.path.isfile(cases_path):
-        print(f"{cases_path} not found: generating the built-in tool-routing data into {data_dir}/")
-        dataset.write_splits(data_dir, quiet=True)
+    cases_path, cases, tok = load_cases(data, data_dir, base_dir)
+    cases = cases[:n_cases] if n_cases else cases
     try:
-        cases = dataset.load_jsonl(cases_path, require_completion=False)
-        tok = dataset.load_tokenizer(base_dir)
-        if n_cases:
-            cases = cases[:n_cases]
         prompts = [dataset.prompt_ids(tok, c["messages"], c["tools"]) for c in cases]
     except dataset.DataError as e:
         fail(str(e))
