@@ -196,7 +196,8 @@ def test_losses_and_lora_gradients_match_original_recipe(checkpoint, step):
     # --- the original: config.num_hidden_layers = drop_layers_after + 1, peft LoRA on every kept block
     cfg = transformers.AutoConfig.from_pretrained(checkpoint)
     cfg.num_hidden_layers = n_keep
-    hf = transformers.LlamaForCausalLM.from_pretrained(checkpoint, config=cfg, dtype=torch.float32, attn_implementation="eager")
+    hf = transformers.LlamaForCausalLM.from_pretrained(checkpoint, config=cfg, dtype=torch.float32,
+                                                       attn_implementation="eager")
     ref = original.with_lora(hf, R, LORA_ALPHA, 0.0)
     g = torch.Generator().manual_seed(step)
     with torch.no_grad():
@@ -245,4 +246,5 @@ def test_losses_and_lora_gradients_match_original_recipe(checkpoint, step):
         scale = theirs.grad.abs().max()
         assert scale > 0
         # fp32 sums over every position in different orders (eager attention vs SDPA): tight relative to the scale
-        assert torch.allclose(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5 * scale), ((ours.grad - theirs.grad).abs().max(), scale)
+        assert torch.allclose(ours.grad, theirs.grad, rtol=1e-4, atol=1e-5 * scale), \
+            ((ours.grad - theirs.grad).abs().max(), scale)

@@ -153,7 +153,8 @@ def test_retain_mean_divides_by_fixed_positions_as_a_batch_padded_to_1024(base, 
     got = read_log(tmp_path)[0][1]["loss_retain"]
     tok = data.load_tokenizer()
     rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
-    retain = [data.encode_sample(tok, r, "tool_choice") for r in rows if r["kind"] != "harmful" and r["attacker_tool"] is None]
+    retain = [data.encode_sample(tok, r, "departure") for r in rows
+              if r["kind"] != "harmful" and r["attacker_tool"] is None]
     batch = data.step_batch(retain, 0, 4, 1337, salt=1)
     model = Llama.from_pretrained(base, dtype=torch.float64, n_layers=3)
     inject_lora(model, 4, 8, 0.0, b_init_std=1e-3, generator=torch.Generator().manual_seed(1337))
@@ -297,7 +298,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--warmup_steps=5",), "warmup_steps must be in 0..max_steps"),
     (lambda b, d, t: ("--lorra_alpha=0",), "no term would train"),
     (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
-], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key", "no_tokenizer",
+], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
+        "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term",
         "negative_redirect"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
