@@ -49,7 +49,9 @@ def trained(tmp_path_factory):
     (root / "base" / "original").mkdir()
     (root / "base" / "original" / "tokenizer.model").write_bytes((root / "base" / "tokenizer.model").read_bytes())
     (root / "base" / "generation_config.json").write_text('{"bos_token_id": 128000, "temperature": 0.6}')
-    run_train(base, tiny_data(root / "data"), root / "out", "--max_steps=3", "--lr=1e-2", "--lora_b_init_std=0.05")
+    # without the redirect terms, which load every block: blocks 0..max(layers) only, so block 3 stays untouched
+    run_train(base, tiny_data(root / "data"), root / "out", "--max_steps=3", "--lr=1e-2", "--lora_b_init_std=0.05",
+              "--redirect_weight=0", "--redirect_benign=False", "--trip=False")
     ckpt = root / "out" / "ckpt.pt"
     exported(ckpt, f"--out={root / 'merged'}", "--dtype=float32", "--shard_size=64KB")
     exported(ckpt, f"--out={root / 'adapter'}", "--adapter")
