@@ -20,6 +20,8 @@ from tiny import ROOT, run_train, tiny_base, tiny_data, train_cmd
 # after Adam's steps is a fixed linear function of the gradients, so comparing it compares gradients. float64
 # makes the tolerance a matter of the maths (sums in another order differ by ~1e-15), not of one CPU's order.
 EXACT = ("--max_steps=2", "--grad_clip=0", "--lora_dropout=0", "--dtype=float64", "--redirect_weight=1")
+# the rerouting and retain terms alone, as the original recipe has them (the redirect terms are on by default)
+RR_RETAIN = ("--redirect_weight=0", "--redirect_benign=False", "--trip=False")
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +101,10 @@ def test_eval_interval_zero_validates_and_saves_at_the_end_only(base, data_dir, 
 @pytest.fixture(scope="module")
 def learning(base, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("learning")
-    run_train(base, data_dir, out, "--max_steps=30", "--lr=3e-3", "--eval_interval=30")
+    # the previous round's breaker (tool_choice mask, no redirect): ~3 rerouted positions a sample, all of them
+    # the choice, so 30 steps move them far; the departure mask's ~25 positions move more slowly on this model
+    run_train(base, data_dir, out, "--max_steps=30", "--lr=3e-3", "--eval_interval=30", "--cb_mask=tool_choice",
+              *RR_RETAIN)
     return read_log(out)
 
 
@@ -122,7 +127,7 @@ def test_zero_b_init_starts_where_the_rerouting_gradient_vanishes(base, data_dir
     # the original's B = 0: every cosine is exactly 1, the maximum, so step 0's gradient is fp noise (~1e-7
     # here), and the retain distance is 0 where its gradient is 0 too; the default tiny random B gives a real
     # one (~0.07). Step 1's gnorm is taken before any update.
-    run_train(base, data_dir, tmp_path, "--max_steps=1", "--lora_b_init_std=0.0")
+    run_train(base, data_dir, tmp_path, "--max_steps=1", "--lora_b_init_std=0.0", *RR_RETAIN)
     zero, default = read_log(tmp_path)[0][1], learning[0][1]
     assert zero["c_retain"] > 0 and default["c_retain"] > 0  # the original's first step has both terms
     assert zero["cos_mean"] == 1.0 and zero["loss_rr"] == 1.0
@@ -292,15 +297,16 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--lorra_alfa=10",), "unknown config key 'lorra_alfa'"),
     (lambda b, d, t: (f"--init_from={base_without_tokenizer(b, t)}",), "tokenizer.model"),
     (lambda b, d, t: train_file_with_text_completion(d, t), "nothing to reroute"),
-    (lambda b, d, t: ("--lr=1e30", "--max_steps=3"), "step 1: loss_rr is not finite"),
+    (lambda b, d, t: ("--lr=1e30", "--max_steps=3"), "is not finite; lower lr"),
     (lambda b, d, t: ("--dtype=int8",), "dtype must be one of"),
     (lambda b, d, t: ("--retain_len=0",), "retain_len must be a positive integer"),
     (lambda b, d, t: ("--warmup_steps=5",), "warmup_steps must be in 0..max_steps"),
-    (lambda b, d, t: ("--lorra_alpha=0",), "no term would train"),
+    (lambda b, d, t: ("--lorra_alpha=0", *RR_RETAIN), "no term would train"),
+    (lambda b, d, t: ("--redirect_weight=0",), "they need redirect_weight > 0"),
     (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
-        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term",
+        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
