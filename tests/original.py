@@ -103,10 +103,11 @@ def inputs(harmful, retain, pad_id, request_len=512, response_len=512, retain_le
                  attention_mask_circuit_breaker=t(cb, 1)), sum(r[2] for r in cb + ret))
 
 
-def compute_loss(model, inputs, target_layers, alpha, step, lm_head=True):
+def compute_loss(model, inputs, target_layers, alpha, step, lm_head=True, norm_dtype=torch.float):
     """The original's compute_loss at its step count `step` (it counts from 1): retain over all hidden states,
     rerouting over the target layers, on a peft model. lm_head=False takes the hidden states from the body alone
-    (the original computes the logits too, on every pass). -> (loss, retain loss, rerouting loss)."""
+    (the original computes the logits too, on every pass). norm_dtype: the original takes its norms in float32;
+    the float64 parity test takes them in float64. -> (loss, retain loss, rerouting loss)."""
     retain_ids, retain_attn = inputs["input_ids"], inputs["attention_mask"]
     cb_ids, cb_attn = inputs["input_ids_circuit_breaker"], inputs["attention_mask_circuit_breaker"]
     progress = step / 300  # the original's fixed horizon, here step / (2 * 150)
@@ -131,13 +132,13 @@ def compute_loss(model, inputs, target_layers, alpha, step, lm_head=True):
     lora_retain = hidden(retain_ids, retain_attn)
     lora_retain_h = torch.stack(lora_retain) * retain_layer_mask
     del lora_retain
-    retain = torch.norm(lora_retain_h - frozen_retain_h, dim=-1, p=2, dtype=torch.float).nanmean()
+    retain = torch.norm(lora_retain_h - frozen_retain_h, dim=-1, p=2, dtype=norm_dtype).nanmean()
 
     lora_cb = hidden(cb_ids, cb_attn)
     lora_cb_h = torch.stack([lora_cb[l] for l in target_layers])
     del lora_cb
-    unit_lora = lora_cb_h / torch.norm(lora_cb_h, dim=-1, keepdim=True, dtype=torch.float)
-    unit_frozen = frozen_cb_h / torch.norm(frozen_cb_h, dim=-1, keepdim=True, dtype=torch.float)
+    unit_lora = lora_cb_h / torch.norm(lora_cb_h, dim=-1, keepdim=True, dtype=norm_dtype)
+    unit_frozen = frozen_cb_h / torch.norm(frozen_cb_h, dim=-1, keepdim=True, dtype=norm_dtype)
     inner = unit_lora * unit_frozen * cb_layer_mask
     cb = torch.relu(inner.sum(dim=-1)).sum() / cb_layer_mask.sum()
     return retain_coeff * retain + cb_coeff * cb, retain, cb
