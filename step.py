@@ -82,32 +82,37 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
                rank=0, world=1, logging=False, dynamic=False):
     """
     One optimizer step over `batches` = dict(harmful=[...], retain=[...], redirect=[...]): the whole step's
-    encoded samples over all processes (data.step_batch order, batch_size each; an absent or empty list is a
-    term that is off). cfg holds the recipe's settings (train_cb.py's config): layers, lorra_alpha,
-    alpha_decay_multiplier, max_steps, batch_size, grad_accum, retain_call_weight, retain_len, redirect_weight,
-    grad_clip. Returns the step's record: coefficients, the three losses (summed over processes), the gradient
+    encoded samples over all processes (data.step_batch order; each list's length divisible by processes x
+    grad_accum, the redirect list's may differ from the others'; an absent or empty list is a term that is off).
+    cfg holds the recipe's settings (train_cb.py's config): layers, lorra_alpha, alpha_decay_multiplier,
+    max_steps, grad_accum, retain_call_weight, retain_len, redirect_weight, pull_weight, grad_clip. Returns the step's record: coefficients, the three losses (summed over processes), the gradient
     norm, and on logging steps the diagnostics merged over the whole batch.
     """
     layers, top = list(cfg["layers"]), max(cfg["layers"])
-    B, accum = cfg["batch_size"], cfg["grad_accum"]
-    micro = B // (world * accum)
+    accum = cfg["grad_accum"]
     c_rr, c_retain = coefficients(step, cfg)
     c_redirect, c_pull = cfg["redirect_weight"], cfg.get("pull_weight", 0.0)
     harmful, retain, redirect = (batches.get(k) or [] for k in ("harmful", "retain", "redirect"))
+    for name, rows in (("harmful", harmful), ("retain", retain), ("redirect", redirect)):
+        if len(rows) % (world * accum):
+            raise ValueError(f"{name} batch of {len(rows)} is not divisible by processes ({world}) x grad_accum "
+                             f"({accum})")
     on = dict(rr=c_rr > 0 and bool(harmful), retain=c_retain > 0 and bool(retain),
               redirect=c_redirect > 0 and bool(redirect), pull=c_pull > 0 and bool(redirect))
     # denominators of the whole step: rerouted positions; the retain nanmean's L x B x T with T fixed at
     # retain_len positions (the original pads every retain sample to 1024), so a batch's weight does not
     # depend on its padding; the redirect call's target tokens
     rr_count = sum(sum(e["cb_mask"]) for e in harmful)
-    retain_norm = B * cfg["retain_len"]
+    retain_norm = len(retain) * cfg["retain_len"]
     redirect_count = sum(sum(e["target_mask"]) for e in redirect)
     pull_count = sum(sum(e["target_mask"]) for e in redirect if e.get("twin")) or 1
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # this process's loss_rr, _retain, _redirect, _pull
     parts = {"rr": [], "retain": [], "call": []}
     for k in range(accum):
-        lo = (k * world + rank) * micro
-        piece = lambda rows: collate(rows[lo:lo + micro], pad_id)
+        # each term's batch (its own size: the redirect batch may differ) in world x accum equal pieces
+        piece_of = lambda rows: rows[(k * world + rank) * (len(rows) // (world * accum)):
+                                     (k * world + rank + 1) * (len(rows) // (world * accum))]
+        piece = lambda rows: collate(piece_of(rows), pad_id)
         # one backward per term, so that only one LoRA graph is alive at a time
         if on["retain"]:
             b = {n: t.to(device, non_blocking=True) for n, t in piece(retain).items()}
@@ -124,7 +129,7 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
                 parts["retain"].append(losses.retain_diagnostics(lora_h, frozen_h, b["attn"]))
                 parts["call"].append(losses.retain_diagnostics(lora_h, frozen_h, b["target_mask"]))
         if on["rr"]:
-            rows = harmful[lo:lo + micro]
+            rows = piece_of(harmful)
             b = {n: t.to(device, non_blocking=True) for n, t in collate(rows, pad_id).items()}
             with autocast:
                 frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=top, dynamic=dynamic)[layers]
@@ -136,7 +141,7 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
             if logging:
                 parts["rr"].append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
         if on["redirect"] or on["pull"]:
-            rows = redirect[lo:lo + micro]
+            rows = piece_of(redirect)
             b = {n: t.to(device, non_blocking=True) for n, t in collate(rows, pad_id).items()}
             has_twin = [i for i, e in enumerate(rows) if e.get("twin")]  # benign replies (redirect_benign) have none
             twins = None

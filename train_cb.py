@@ -65,6 +65,7 @@ lora_dropout = 0.05
 lora_b_init_std = 1e-3  # 0.0 = the original's zero B, whose step 0 sits where the gradient vanishes
 # optimisation
 batch_size = 16  # samples per optimizer step over all processes: 16 harmful + 16 retain
+redirect_batch_size = 0  # redirect-term samples per step; 0 = batch_size
 grad_accum = 1  # micro-batches per process per step (a step's batch is sorted by length: each pads to its own)
 max_steps = 150
 lr = 1e-4
@@ -125,6 +126,9 @@ if lr_schedule not in ("constant", "cosine"):
     fail(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
 if dtype not in DTYPES:
     fail(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+if type(redirect_batch_size) is not int or redirect_batch_size < 0:
+    fail(f"redirect_batch_size must be an integer >= 0 (0: batch_size), got {redirect_batch_size!r}")
+redirect_batch_size = redirect_batch_size or batch_size
 for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "retain_len", "max_len", "n_val"):
     if type(globals()[name]) is not int or globals()[name] <= (0 if name != "n_val" else -1):
         fail(f"{name} must be a positive integer, got {globals()[name]!r}")
@@ -149,8 +153,9 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-if batch_size % (world * grad_accum):
-    fail(f"batch_size {batch_size} is not divisible by processes ({world}) x grad_accum ({grad_accum})")
+for name in ("batch_size", "redirect_batch_size"):
+    if globals()[name] % (world * grad_accum):
+        fail(f"{name} {globals()[name]} is not divisible by processes ({world}) x grad_accum ({grad_accum})")
 micro = batch_size // (world * grad_accum)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
@@ -300,7 +305,8 @@ def step_flops(batch, n_blocks, passes):
     passes: 3 for a frozen forward + a LoRA forward + its backward (frozen weights get no gradient, so the
     backward costs about one forward), 2 for a LoRA forward + backward alone."""
     return sum(passes * len(mb) * T * flops_per_token(model.config, T, n_layers=n_blocks)
-               for mb in (batch[i:i + micro] for i in range(0, len(batch), micro))
+               for m in [max(1, len(batch) // (world * grad_accum))]
+               for mb in (batch[i:i + m] for i in range(0, len(batch), m))
                for T in [max(len(e["ids"]) for e in mb)])
 
 
@@ -320,7 +326,7 @@ while step < max_steps:
     torch.manual_seed(seed + 1000003 * step + rank)  # dropout: a function of (seed, step, rank), resume-exact
     batches = dict(harmful=data.step_batch(harmful, step, batch_size, seed, salt=0),
                    retain=data.step_batch(retain, step, batch_size, seed, salt=1),
-                   redirect=data.step_batch(redirect, step, batch_size, seed, salt=2) if redirect else [])
+                   redirect=data.step_batch(redirect, step, redirect_batch_size, seed, salt=2) if redirect else [])
     logging = step % log_interval == 0
     try:
         record = train_step(model, fmodel, optimizer, params, batches, step, config, tok.pad_id, device, autocast,

@@ -206,6 +206,18 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(base, data_dir, refere
         assert {k: log[step][k] for k in keys} == pytest.approx({k: ref_log[step][k] for k in keys}, rel=1e-4)
 
 
+def test_a_redirect_batch_of_its_own_size_accumulates_to_its_whole_batch(base, data_dir, reference, tmp_path):
+    # 8 redirect rows a step beside 4 harmful and 4 retain: each term is cut into grad_accum pieces of its own size
+    run_train(base, data_dir, tmp_path / "one", *EXACT, "--redirect_batch_size=8")
+    run_train(base, data_dir, tmp_path / "two", *EXACT, "--redirect_batch_size=8", "--grad_accum=2")
+    assert_same_gradients(tmp_path / "two", tmp_path / "one")
+    # the size is honoured: against the reference (4 redirect rows) the rerouting and retain batches are the same
+    # and the redirect batch is not
+    log, ref_log = read_log(tmp_path / "one")[0], read_log(reference)[0]
+    assert log[1]["loss_rr"] == pytest.approx(ref_log[1]["loss_rr"], rel=1e-12)  # the first step: same weights
+    assert log[1]["loss_redirect"] != pytest.approx(ref_log[1]["loss_redirect"], rel=1e-3)
+
+
 @pytest.mark.slow
 def test_torchrun_two_processes_match_one_with_the_same_global_batch(base, data_dir, reference, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -304,10 +316,12 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--lorra_alpha=0", *RR_RETAIN), "no term would train"),
     (lambda b, d, t: ("--redirect_weight=0",), "they need redirect_weight > 0"),
     (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
+    (lambda b, d, t: ("--redirect_batch_size=-2",), "redirect_batch_size must be an integer >= 0"),
+    (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
-        "negative_redirect"])
+        "negative_redirect", "negative_redirect_batch", "indivisible_redirect_batch"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
