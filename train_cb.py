@@ -13,6 +13,7 @@ completions away from the frozen model's (rerouting) while keeping benign hidden
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
@@ -58,6 +59,7 @@ redirect_weight = 3.0  # cross-entropy on the user's call given the injected pro
 redirect_benign = True  # the cross-entropy also covers the benign and chat replies
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
 trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
+trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -132,6 +134,8 @@ redirect_batch_size = redirect_batch_size or batch_size
 for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "retain_len", "max_len", "n_val"):
     if type(globals()[name]) is not int or globals()[name] <= (0 if name != "n_val" else -1):
         fail(f"{name} must be a positive integer, got {globals()[name]!r}")
+if not 0 < trip_share <= 1:
+    fail(f"trip_share must be in (0, 1] (trip=False turns the trip rows off), got {trip_share}")
 if type(eval_interval) is not int or eval_interval < 0:
     fail(f"eval_interval must be >= 0 (0: validate and save at the end only), got {eval_interval}")
 if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
@@ -219,8 +223,12 @@ try:
     if redirect_benign:
         redirect += [data.encode_sample(tok, s, cb_mask) for s in samples
                      if s["kind"] != "harmful" and s["attacker_tool"] is None]
+    n_trip = 0
     if trip:
-        redirect += [encode_trip(tok, s) for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]]
+        flips = [s for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]]
+        flips = random.Random(seed).sample(flips, round(trip_share * len(flips)))
+        redirect += [encode_trip(tok, s) for s in flips]
+        n_trip = len(flips)
     if lorra_alpha > 0 and (not harmful or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"
@@ -244,7 +252,7 @@ too_long = max(len(e["ids"]) for e in harmful + retain + redirect)
 if too_long > max_len:
     fail(f"{train_path}: a sample has {too_long} tokens > max_len {max_len} (raise --max_len)")
 log(report)
-log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
+log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples ({n_trip} trip rows)"
     + (f" ({len(injected_ok)} injected-but-resisted samples kept out of retain: retain_injected=False)"
        if injected_ok and not retain_injected else "")
     + f"; {len(val)} held-out harmful for validation")

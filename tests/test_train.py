@@ -317,11 +317,13 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--redirect_weight=0",), "they need redirect_weight > 0"),
     (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
     (lambda b, d, t: ("--redirect_batch_size=-2",), "redirect_batch_size must be an integer >= 0"),
+    (lambda b, d, t: ("--trip_share=0",), "trip_share must be in (0, 1]"),
     (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
-        "negative_redirect", "negative_redirect_batch", "indivisible_redirect_batch"])
+        "negative_redirect", "negative_redirect_batch", "indivisible_redirect_batch",
+        "zero_trip_share"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -370,6 +372,15 @@ def test_pull_needs_rows_that_name_their_twin(base, data_dir, tmp_path):
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
         f"train_cb.py: {tmp_path / 'train.jsonl'}: pull_weight > 0 needs redirect rows that name their clean twin "
         '("twin": id)']
+
+
+def test_trip_share_draws_that_share_of_the_tool_flips(base, data_dir, tmp_path):
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    flips = sum(r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"] for r in rows)
+    assert flips >= 4
+    for share, out in ((1.0, "all"), (0.5, "half")):
+        p = run_train(base, data_dir, tmp_path / out, "--max_steps=1", f"--trip_share={share}")
+        assert f"({round(share * flips)} trip rows)" in p.stdout
 
 
 def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(data_dir):
