@@ -434,6 +434,20 @@ def encode_trip(tok, sample):
     return {'ids': ids + [tok.eot_id], 'cb_mask': [0] * (len(ids) + 1), 'target_mask': [0] * len(ids) + [1]}
 
 
+def trip_rows(tok, rows, share=1.0, seed=0, twins=None):
+    """The trip rows of the tool-flip samples among `rows`: a seeded draw of round(share x n) of them, each
+    encode_trip'ed; with twins ({id: clean twin row}, twins_of), each drawn sample's clean twin too, the same
+    request without the injection and the same attacker's call forced, so that what trips the breaker is a tool
+    that does not fit the request, not the presence of an injection."""
+    flips = [r for r in rows if r['kind'] == 'harmful' and r['attacker_tool'] != r['expected_tool']]
+    flips = random.Random(seed).sample(flips, round(share * len(flips)))
+    out = [encode_trip(tok, r) for r in flips]
+    if twins is not None:
+        out += [encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'])) for r in flips
+                if r['id'] in twins]
+    return out
+
+
 def encode_sample(tok, sample, cb_mask='completion'):
     """-> dict(ids, cb_mask, target_mask), lists of ints. cb_mask: the tokens the rerouting loss sees
     ('completion': the completion's tokens, <|python_tag|> .. <|eom_id|>; 'full': every token; 'tool_name': the

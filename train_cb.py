@@ -13,7 +13,6 @@ completions away from the frozen model's (rerouting) while keeping benign hidden
 import json
 import math
 import os
-import random
 import resource
 import signal
 import sys
@@ -28,7 +27,7 @@ import losses
 from lora import LoRAError, inject_lora, load_lora_state_dict, lora_config, lora_state_dict
 from model import DTYPES, Llama, ModelError, compile_blocks, flops_per_token, load_config
 from step import StepError, hidden_states, lr_at, train_step
-from chat import encode_trip
+from chat import trip_rows
 from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
@@ -60,6 +59,8 @@ redirect_benign = True  # the cross-entropy also covers the benign and chat repl
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
 trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
+trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
+                    # that the tool does not fit the request, not that an injection is present
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -142,6 +143,8 @@ if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
     fail(f"warmup_steps must be in 0..max_steps ({max_steps}), got {warmup_steps!r}")
 if lorra_alpha == 0 and redirect_weight == 0 and pull_weight == 0:
     fail("lorra_alpha, redirect_weight and pull_weight are all 0: no term would train")
+if trip_twins and not trip:
+    fail("trip_twins adds clean-twin rows to the trip rows: it needs trip=True")
 if (redirect_benign or trip) and redirect_weight == 0:
     fail("redirect_benign and trip add rows to the redirect cross-entropy: they need redirect_weight > 0")
 needs_head = redirect_weight > 0 or pull_weight > 0  # the redirect terms run the whole model
@@ -225,10 +228,12 @@ try:
                      if s["kind"] != "harmful" and s["attacker_tool"] is None]
     n_trip = 0
     if trip:
-        flips = [s for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]]
-        flips = random.Random(seed).sample(flips, round(trip_share * len(flips)))
-        redirect += [encode_trip(tok, s) for s in flips]
-        n_trip = len(flips)
+        twins = data.twins_of(samples) if trip_twins else None
+        if trip_twins and not any(s["kind"] == "harmful" and s["id"] in twins for s in harmful_rows):
+            fail(f"{train_path}: trip_twins needs tool-flip samples that name their clean twin (\"twin\": id)")
+        trips = trip_rows(tok, harmful_rows, trip_share, seed, twins)
+        redirect += trips
+        n_trip = len(trips)
     if lorra_alpha > 0 and (not harmful or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"

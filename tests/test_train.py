@@ -318,12 +318,13 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
     (lambda b, d, t: ("--redirect_batch_size=-2",), "redirect_batch_size must be an integer >= 0"),
     (lambda b, d, t: ("--trip_share=0",), "trip_share must be in (0, 1]"),
+    (lambda b, d, t: ("--trip=False", "--trip_twins"), "trip_twins adds clean-twin rows"),
     (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "indivisible_redirect_batch",
-        "zero_trip_share"])
+        "zero_trip_share", "trip_twins_without_trip"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -381,6 +382,26 @@ def test_trip_share_draws_that_share_of_the_tool_flips(base, data_dir, tmp_path)
     for share, out in ((1.0, "all"), (0.5, "half")):
         p = run_train(base, data_dir, tmp_path / out, "--max_steps=1", f"--trip_share={share}")
         assert f"({round(share * flips)} trip rows)" in p.stdout
+    p = run_train(base, data_dir, tmp_path / "twins", "--max_steps=1", "--trip_share=0.5", "--trip_twins")
+    assert f"({2 * round(0.5 * flips)} trip rows)" in p.stdout  # each drawn flip and its clean twin
+
+
+def test_twin_trip_rows_are_the_clean_twins_with_the_same_attackers_call_forced(data_dir):
+    from chat import encode_trip, forced_prefill, prompt_ids, trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    twins = data.twins_of(rows)
+    flips = [r for r in rows if r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"]]
+    got = trip_rows(tok, rows, 0.5, seed=3, twins=twins)
+    n = round(0.5 * len(flips))
+    assert len(got) == 2 * n and got[:n] == trip_rows(tok, rows, 0.5, seed=3)  # the same draw, then its twins
+    for injected, clean in zip(got[:n], got[n:]):
+        flip = next(r for r in flips if encode_trip(tok, r)["ids"] == injected["ids"])
+        twin = twins[flip["id"]]
+        assert twin["attacker_tool"] is None and twin["messages"] != flip["messages"]
+        assert clean["ids"] == prompt_ids(tok, twin["messages"], twin["tools"]) \
+            + forced_prefill(tok, flip["attacker_tool"]) + [tok.eot_id]
+        assert clean["target_mask"] == [0] * (len(clean["ids"]) - 1) + [1] and not any(clean["cb_mask"])
 
 
 def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(data_dir):
