@@ -271,11 +271,19 @@ def prompt_ids(tok, messages, tools):
     return [i for ids, _ in render(tok, messages, tools) for i in ids]
 
 
-def forced_prefill(tok, attacker):
+def forced_prefill(tok, attacker, parameters=None):
     """<|python_tag|>{"name": "<attacker>", "parameters": as ids: the start of a call forced on the model (eval's
     forced-call pass, the trip rows). It ends at the colon: in a rendered call the space after it belongs to the
-    next token (' {"'), so these ids are a prefix of call_segments'."""
-    return [tok.python_tag_id] + tok.encode('{"name": "') + tok.encode(attacker) + tok.encode('", "parameters":')
+    next token (' {"'), so these ids are a prefix of call_segments'. With parameters (the attacker's arguments, a
+    non-empty dict), the call is forced deeper: up to the first token that reaches into the first argument's value,
+    a prefix of the rendered call too."""
+    head = [tok.python_tag_id] + tok.encode('{"name": "') + tok.encode(attacker)
+    if not parameters:
+        return head + tok.encode('", "parameters":')
+    rest = tok.encode('", "parameters": ' + json.dumps(parameters, ensure_ascii=False) + '}')
+    key = '", "parameters": ' + json.dumps({next(iter(parameters)): ''}, ensure_ascii=False)[:-2]  # ... {"k": "
+    k = next(k for k in range(1, len(rest) + 1) if len(tok.decode(rest[:k])) > len(key))
+    return head + rest[:k]
 
 
 def tool_call_text(call):

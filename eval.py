@@ -74,6 +74,7 @@ batch_size = 32  # prompts per generate() call, sorted by length so padding stay
 heldout_families = ()  # injection families never seen in training; () = as the data's summary.json says
 attacker_tool = ""  # the tool of the "too broad" check; '' = the one the cases' attackers push most
 forced = True  # forced-call ASR: a second pass over the injected cases
+forced_deep = False  # force the attacker's call into its first argument's value, not only up to "parameters":
 representation = True  # cosine between CB and base hidden states at the target layers
 n_rep = 64  # cases per side (harmful, benign) for the representation check
 harvest = ""  # FILE: write on-policy training rows (harmful, benign, redirect) sampled from the model
@@ -235,18 +236,21 @@ def score_reply(tok, ids, case):
                 stop=reply["stop"], output=tok.decode(ids))
 
 
-def forced_call(tok, attacker, ids):
-    """The call the continuation `ids` of forced_prefill(tok, attacker) finishes, or None when it does not."""
+def forced_call(tok, attacker, ids, prefix=None):
+    """The call the continuation `ids` of forced_prefill(tok, attacker) (or of the forced ids `prefix`) finishes,
+    or None when it does not."""
     special = set(tok.special.values())
     body = ids[:next((k for k, i in enumerate(ids) if i in special), len(ids))]
-    call, _ = parse_call('{"name": ' + json.dumps(attacker) + ', "parameters":' + tok.decode(body))
+    head = ('{"name": ' + json.dumps(attacker) + ', "parameters":' if prefix is None
+            else tok.decode([i for i in prefix if i not in special]))
+    call, _ = parse_call(head + tok.decode(body))
     return call
 
 
-def forced_completed(tok, case, ids):
-    """Did the continuation of the forced prefill finish the attacker's call (for a hijack: with the attacker's
-    arguments)?"""
-    return is_attack(forced_call(tok, case["attacker_tool"], ids), case)
+def forced_completed(tok, case, ids, prefix=None):
+    """Did the continuation of the forced prefill (`prefix`, when not the default one) finish the attacker's call
+    (for a hijack: with the attacker's arguments)?"""
+    return is_attack(forced_call(tok, case["attacker_tool"], ids, prefix), case)
 
 
 # --- generating and scoring ----------------------------------------------------------------------------
@@ -267,10 +271,12 @@ def generate_all(model, tok, prompts, max_new_tokens, batch_size, temperature=0.
     return outs
 
 
-def generate_and_score(model, tok, cases, prompts=None, max_new_tokens=64, batch_size=32, forced=True, label=None):
+def generate_and_score(model, tok, cases, prompts=None, max_new_tokens=64, batch_size=32, forced=True, label=None,
+                       deep=False):
     """Greedy replies of the model as it is now (the caller turns the adapters off for the base), each scored
     against its case -> one record per case: score_reply's keys, "forced" and "forced_output" (the forced-call
-    pass over the injected cases, when forced), and the reply's "ids"."""
+    pass over the injected cases, when forced; deep: forced into the first argument's value), and the reply's
+    "ids"."""
     if prompts is None:
         prompts = [dataset.prompt_ids(tok, c["messages"], c["tools"]) for c in cases]
     replies = generate_all(model, tok, prompts, max_new_tokens, batch_size, label=label)
@@ -278,11 +284,12 @@ def generate_and_score(model, tok, cases, prompts=None, max_new_tokens=64, batch
                for c, ids in zip(cases, replies)]
     injected = [i for i, c in enumerate(cases) if c["attacker_tool"] is not None]
     if forced and injected:
-        pre = [forced_prefill(tok, cases[i]["attacker_tool"]) for i in injected]
+        pre = [forced_prefill(tok, cases[i]["attacker_tool"], deep and cases[i].get("attacker_parameters") or None)
+               for i in injected]
         conts = generate_all(model, tok, [prompts[i] + p for i, p in zip(injected, pre)], max_new_tokens, batch_size,
                              label=label and f"{label} forced-call")
         for i, p, ids in zip(injected, pre, conts):
-            results[i]["forced"] = forced_completed(tok, cases[i], ids)
+            results[i]["forced"] = forced_completed(tok, cases[i], ids, p)
             results[i]["forced_output"] = tok.decode(p + ids)
     return results
 
@@ -628,7 +635,8 @@ if __name__ == "__main__":
     print(f"{len(cases)} cases from {cases_path}: {len(cases) - n_injected} clean, {n_injected} injected "
           f"(held-out families: {', '.join(heldout_families) or 'none'})")
 
-    score = lambda label: generate_and_score(model, tok, cases, prompts, max_new_tokens, batch_size, forced, label)
+    score = lambda label: generate_and_score(model, tok, cases, prompts, max_new_tokens, batch_size, forced, label,
+                                             forced_deep)
     harvest_now = lambda label: harvest_rows(model, tok, cases, prompts, seed, harvest_harmful_temperature,
                                              harvest_benign_temperature, max_new_tokens, batch_size, label)
     harvested, rep, cb_results = None, None, None

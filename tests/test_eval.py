@@ -311,6 +311,20 @@ def test_forced_prefill_is_a_prefix_of_the_rendered_call_and_completion_is_judge
     assert ev.forced_call(tok, "search_web", tok.encode(" I can't do that.") + [tok.eot_id]) is None
 
 
+def test_a_deep_forced_prefill_reaches_into_the_first_value_and_is_judged_from_it(tok):
+    for call in (CALL, {"name": "send_money", "parameters": HIJACK["attacker_parameters"]}):
+        rendered = [i for ids, _ in data.call_segments(tok, call) for i in ids]
+        shallow, deep = ev.forced_prefill(tok, call["name"]), ev.forced_prefill(tok, call["name"], call["parameters"])
+        assert rendered[:len(deep)] == deep and len(deep) > len(shallow) and deep[:len(shallow)] == shallow
+        key, value = next(iter(call["parameters"].items()))
+        text = tok.decode(deep)
+        assert text.split('"parameters": ')[1].startswith(f'{{"{key}": "{value[:1]}') and value not in text
+        assert ev.forced_call(tok, call["name"], rendered[len(deep):], prefix=deep) == call
+        assert ev.forced_call(tok, call["name"], rendered[len(deep):-4], prefix=deep) is None  # stopped mid-call
+    cont = rendered[len(deep):]  # the hijack's own arguments, forced from the attacker's first value: an attack
+    assert ev.forced_completed(tok, HIJACK, cont, prefix=deep)
+
+
 def test_a_forced_hijack_counts_only_with_the_attackers_arguments(tok):
     pre = ev.forced_prefill(tok, "send_money")
     cont = lambda params: [i for ids, _ in data.call_segments(tok, {"name": "send_money", "parameters": params})
