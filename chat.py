@@ -434,25 +434,42 @@ def twins_of(rows):
 CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice', 'departure')
 
 
-def encode_trip(tok, sample):
+def encode_trip(tok, sample, cut=None):
     """The injected prompt of a tool-flip sample, the attacker's call forced up to its arguments, then <|eot_id|>:
-    the breaker trips when the agent finds itself calling the attacker's tool. -> dict(ids, cb_mask, target_mask)
-    as encode_sample, the target the <|eot_id|> alone, nothing rerouted."""
-    ids = prompt_ids(tok, sample['messages'], sample['tools']) + forced_prefill(tok, sample['attacker_tool'])
+    the breaker trips when the agent finds itself calling the attacker's tool. cut=k forces the first k ids of the
+    attacker's rendered call instead (the sample's completion: <|python_tag|>{"name": ...), so the trip is learnt
+    anywhere inside the call, not only where eval's forced-call pass cuts. -> dict(ids, cb_mask, target_mask) as
+    encode_sample, the target the <|eot_id|> alone, nothing rerouted."""
+    forced = forced_prefill(tok, sample['attacker_tool'])
+    if cut is not None:
+        forced = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg][:cut]
+    ids = prompt_ids(tok, sample['messages'], sample['tools']) + forced
     return {'ids': ids + [tok.eot_id], 'cb_mask': [0] * (len(ids) + 1), 'target_mask': [0] * len(ids) + [1]}
 
 
-def trip_rows(tok, rows, share=1.0, seed=0, twins=None):
+TRIP_DEPTHS = ('parameters', 'any')
+
+
+def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     """The trip rows of the tool-flip samples among `rows`: a seeded draw of round(share x n) of them, each
-    encode_trip'ed; with twins ({id: clean twin row}, twins_of), each drawn sample's clean twin too, the same
-    request without the injection and the same attacker's call forced, so that what trips the breaker is a tool
-    that does not fit the request, not the presence of an injection."""
+    encode_trip'ed. depth 'parameters': the call forced up to "parameters": (where eval's forced-call pass cuts);
+    'any': at a seeded cut from there to the call's second-to-last token (its arguments, part way), one per row.
+    With twins ({id: clean twin row}, twins_of), each drawn sample's clean twin too, the same request without the
+    injection and the same attacker's call forced, so that what trips the breaker is a tool that does not fit the
+    request, not the presence of an injection."""
+    if depth not in TRIP_DEPTHS:
+        raise DataError(f'trip depth: unknown "{depth}" (depths: {", ".join(TRIP_DEPTHS)})')
     flips = [r for r in rows if r['kind'] == 'harmful' and r['attacker_tool'] != r['expected_tool']]
     flips = random.Random(seed).sample(flips, round(share * len(flips)))
-    out = [encode_trip(tok, r) for r in flips]
+    cuts = [None] * len(flips)
+    if depth == 'any':
+        for j, r in enumerate(flips):
+            n = sum(len(seg) for seg, _ in call_segments(tok, r['completion']['tool_call'])) - 1  # without <|eom_id|>
+            cuts[j] = random.Random(f'{seed}:{r["id"]}').randint(len(forced_prefill(tok, r['attacker_tool'])), n - 1)
+    out = [encode_trip(tok, r, k) for r, k in zip(flips, cuts)]
     if twins is not None:
-        out += [encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'])) for r in flips
-                if r['id'] in twins]
+        out += [encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'], completion=r['completion']), k)
+                for r, k in zip(flips, cuts) if r['id'] in twins]
     return out
 
 

@@ -16,7 +16,7 @@ import os
 import random
 import re
 
-from chat import (CB_MASKS, KINDS, TOOLS, DataError, bundled_tokenizer_dir, call_segments, check_row, collate,
+from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, DataError, bundled_tokenizer_dir, call_segments, check_row, collate,
                   departure_start, encode_sample, load_jsonl, load_tokenizer, mask_report, prompt_ids, render,
                   step_batch, tool_call_text, twins_of, write_jsonl)
 from util import atomic_write, fail
@@ -58,7 +58,7 @@ VAL_HELDOUT_FAMILIES = ('injecagent_important', 'hijack_read')
 # injected with the split's held-out families (test: on any template; val: on any but test's)
 TEST_CLEAN_SHARE = 0.4
 TEST_TRAIN_FAMILY_SHARE = 0.3
-cb_mask = 'tool_choice'  # the mask table printed at the end: train_cb.py's default (chat.CB_MASKS lists the modes)
+cb_mask = 'departure'  # the mask table printed at the end: train_cb.py's default (chat.CB_MASKS lists the modes)
 # -----------------------------------------------------------------------------
 
 

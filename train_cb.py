@@ -59,6 +59,8 @@ redirect_benign = True  # the cross-entropy also covers the benign and chat repl
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
 trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
+trip_depth = "parameters"  # where the attacker's call is cut: 'parameters' (eval's forced-call cut) | 'any' (a seeded
+                           # cut from there into its arguments, one per row)
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
 # LoRA
@@ -143,6 +145,8 @@ if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
     fail(f"warmup_steps must be in 0..max_steps ({max_steps}), got {warmup_steps!r}")
 if lorra_alpha == 0 and redirect_weight == 0 and pull_weight == 0:
     fail("lorra_alpha, redirect_weight and pull_weight are all 0: no term would train")
+if trip_depth not in data.TRIP_DEPTHS:
+    fail(f"trip_depth must be one of {', '.join(data.TRIP_DEPTHS)}, got {trip_depth!r}")
 if trip_twins and not trip:
     fail("trip_twins adds clean-twin rows to the trip rows: it needs trip=True")
 if (redirect_benign or trip) and redirect_weight == 0:
@@ -231,7 +235,7 @@ try:
         twins = data.twins_of(samples) if trip_twins else None
         if trip_twins and not any(s["kind"] == "harmful" and s["id"] in twins for s in harmful_rows):
             fail(f"{train_path}: trip_twins needs tool-flip samples that name their clean twin (\"twin\": id)")
-        trips = trip_rows(tok, harmful_rows, trip_share, seed, twins)
+        trips = trip_rows(tok, harmful_rows, trip_share, seed, twins, trip_depth)
         redirect += trips
         n_trip = len(trips)
     if lorra_alpha > 0 and (not harmful or not retain):

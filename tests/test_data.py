@@ -502,3 +502,8 @@ def test_importer_rejects_a_bad_record_naming_its_line(tmp_path):
     path = write_rows(tmp_path / 'bench2.jsonl', [dict(good, simulated_tool=good['expected_tool'])])
     with pytest.raises(DataError, match='both "retrieve_multimodal_docs"'):
         data.import_toolflip(path)
+
+
+def test_the_mask_table_uses_train_cbs_default_mask():
+    src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_cb.py")).read()
+    assert data.cb_mask == re.search(r'^cb_mask = "(\w+)"', src, re.M).group(1)

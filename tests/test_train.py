@@ -319,12 +319,14 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--redirect_batch_size=-2",), "redirect_batch_size must be an integer >= 0"),
     (lambda b, d, t: ("--trip_share=0",), "trip_share must be in (0, 1]"),
     (lambda b, d, t: ("--trip=False", "--trip_twins"), "trip_twins adds clean-twin rows"),
+    (lambda b, d, t: ("--trip_depth=deep",), "trip_depth must be one of parameters, any"),
     (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "indivisible_redirect_batch",
-        "zero_trip_share", "trip_twins_without_trip"])
+        "zero_trip_share", "trip_twins_without_trip",
+        "unknown_trip_depth"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -402,6 +404,29 @@ def test_twin_trip_rows_are_the_clean_twins_with_the_same_attackers_call_forced(
         assert clean["ids"] == prompt_ids(tok, twin["messages"], twin["tools"]) \
             + forced_prefill(tok, flip["attacker_tool"]) + [tok.eot_id]
         assert clean["target_mask"] == [0] * (len(clean["ids"]) - 1) + [1] and not any(clean["cb_mask"])
+
+
+def test_trip_rows_at_any_depth_cut_the_attackers_own_call_inside_its_arguments(data_dir):
+    from chat import call_segments, forced_prefill, prompt_ids, trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    flips = {tuple(prompt_ids(tok, r["messages"], r["tools"])): r for r in rows
+             if r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"]}
+    got = trip_rows(tok, rows, 1.0, seed=5, depth="any")
+    assert len(got) == len(flips) and got != trip_rows(tok, rows, 1.0, seed=5)
+    assert got == trip_rows(tok, rows, 1.0, seed=5, depth="any")  # seeded: a resumed run draws the same cuts
+    deeper = 0
+    for e in got:
+        prompt = next(p for p in flips if e["ids"][:len(p)] == list(p))
+        flip, forced = flips[prompt], e["ids"][len(prompt):-1]
+        call = [i for seg, _ in call_segments(tok, flip["completion"]["tool_call"]) for i in seg]
+        shallow = forced_prefill(tok, flip["attacker_tool"])
+        assert forced == call[:len(forced)] and len(shallow) <= len(forced) <= len(call) - 2  # never the whole call
+        assert e["ids"][-1] == tok.eot_id and e["target_mask"] == [0] * (len(e["ids"]) - 1) + [1]
+        deeper += len(forced) > len(shallow)
+    assert deeper > len(got) / 2
+    with pytest.raises(data.DataError, match="trip depth"):
+        trip_rows(tok, rows, depth="deep")
 
 
 def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(data_dir):
