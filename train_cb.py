@@ -261,7 +261,8 @@ too_long = max(len(e["ids"]) for e in harmful + retain + redirect)
 if too_long > max_len:
     fail(f"{train_path}: a sample has {too_long} tokens > max_len {max_len} (raise --max_len)")
 log(report)
-log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples ({n_trip} trip rows)"
+log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
+    + (f" ({n_trip} trip rows)" if trip else "")
     + (f" ({len(injected_ok)} injected-but-resisted samples kept out of retain: retain_injected=False)"
        if injected_ok and not retain_injected else "")
     + f"; {len(val)} held-out harmful for validation")

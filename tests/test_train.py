@@ -86,7 +86,7 @@ def test_injected_but_resisted_samples_join_the_retain_set_only_when_asked(base,
     assert f"/ {kept} retain / {resisted} redirect samples" in p.stdout, p.stdout
     flips = sum(r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"] for r in rows)
     p = run_train(base, data_dir, tmp_path / "d", "--max_steps=1")  # the defaults: + benign replies + trip rows
-    assert f"/ {kept} retain / {resisted + kept + flips} redirect samples" in p.stdout, p.stdout
+    assert f"/ {kept} retain / {resisted + kept + flips} redirect samples ({flips} trip rows)" in p.stdout, p.stdout
 
 
 def test_eval_interval_zero_validates_and_saves_at_the_end_only(base, data_dir, tmp_path):
