@@ -1,8 +1,8 @@
 """
-The ablations users ask for first, on the model organism, as one table: the default recipe, each of its terms
-alone, the breaker of the previous round, adversarial fine-tuning alone (config/sft.py) and the original
-recipe. Each row trains (train_cb.py config/organism.py plus the row's overrides) and evaluates (eval.py with
-the forced-call pass), in subprocesses.
+The ablations users ask for first, on the model organism, as one table: the organism's recipe, adversarial
+fine-tuning alone (config/sft.py), the rerouting terms added to the recipe, train_cb.py's defaults, rerouting
+alone and the original recipe. Each row trains (train_cb.py config/organism.py plus the row's overrides) and
+evaluates (eval.py with the forced-call pass), in subprocesses.
 
     python ablate.py                       # after organism.py; about 12 minutes a row on 2 CPU cores
     python ablate.py --max_steps=60        # a train_cb.py or eval.py setting: to each of them that has it
@@ -20,15 +20,17 @@ import sys
 from util import fail
 
 NO_REDIRECT = ["--redirect_weight=0.0", "--redirect_benign=False", "--trip=False"]
-ORIGINAL = ["--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0",
+RR = ["--lorra_alpha=10.0", "--batch_size=16"]  # rerouting + retain on, 16 harmful + 16 retain samples a step
+ORIGINAL = [*RR, "--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0",
             "--retain_len=1024", *NO_REDIRECT]
-ROWS = [  # (name, train_cb.py overrides)
-    ("default: departure rerouting + retain + redirect (user's call, benign replies, trip rows)", []),
-    ("rerouting + retain alone (departure mask)", NO_REDIRECT),
-    ("redirect alone (no rerouting, no retain)", ["--lorra_alpha=0.0"]),
-    ("default without the trip rows", ["--trip=False"]),
-    ("the previous default (tool_choice mask, no redirect)", ["--cb_mask=tool_choice", *NO_REDIRECT]),
-    ("adversarial fine-tuning alone (config/sft.py)", ["config/sft.py"]),
+ROWS = [  # (name, train_cb.py overrides on config/organism.py)
+    ("default: redirect (user's call, benign replies) + trip rows (a quarter of the flips)", []),
+    ("adversarial fine-tuning alone (config/sft.py: the default without trip rows)", ["config/sft.py"]),
+    ("the default with every flip a trip row", ["--trip_share=1.0"]),
+    ("the default + rerouting and retain (departure mask)", [*RR, "--redirect_batch_size=32"]),
+    ("train_cb.py's defaults: rerouting + retain + redirect x3 + trip rows (16 a step)",
+     [*RR, "--redirect_weight=3.0", "--trip_share=1.0"]),
+    ("rerouting + retain alone (departure mask)", [*RR, *NO_REDIRECT]),
     ("the original recipe (full mask, retain x1 and resisted rows, B=0, 1024)", ORIGINAL),
 ]
 
