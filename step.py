@@ -85,8 +85,9 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
     encoded samples over all processes (data.step_batch order; each list's length divisible by processes x
     grad_accum, the redirect list's may differ from the others'; an absent or empty list is a term that is off).
     cfg holds the recipe's settings (train_cb.py's config): layers, lorra_alpha, alpha_decay_multiplier,
-    max_steps, grad_accum, retain_call_weight, retain_len, redirect_weight, pull_weight, grad_clip. Returns the step's record: coefficients, the three losses (summed over processes), the gradient
-    norm, and on logging steps the diagnostics merged over the whole batch.
+    max_steps, grad_accum, retain_call_weight, retain_len, redirect_weight, pull_weight, grad_clip. Returns the
+    step's record: coefficients, the losses (summed over processes), the gradient norm, and on logging steps the
+    diagnostics merged over the whole batch.
     """
     layers, top = list(cfg["layers"]), max(cfg["layers"])
     accum = cfg["grad_accum"]
