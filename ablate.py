@@ -1,7 +1,7 @@
 """
-The ablations users ask for first, on the model organism, as one table: the organism's recipe, adversarial
-fine-tuning alone (config/sft.py), the rerouting terms added to the recipe, train_cb.py's defaults, rerouting
-alone and the original recipe. Each row trains (train_cb.py config/organism.py plus the row's overrides) and
+The ablations users ask for first, on the model organism, as one table: the organism's recipe (adversarial
+fine-tuning alone), each breaker term added to it, train_cb.py's defaults, rerouting alone and the original
+recipe. Each row trains (train_cb.py config/organism.py plus the row's overrides) and
 evaluates (eval.py with the forced-call pass), in subprocesses.
 
     python ablate.py                       # after organism.py; about 12 minutes a row on 2 CPU cores
@@ -24,12 +24,12 @@ RR = ["--lorra_alpha=10.0", "--batch_size=16"]  # rerouting + retain on, 16 harm
 ORIGINAL = [*RR, "--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0",
             "--retain_len=1024", *NO_REDIRECT]
 ROWS = [  # (name, train_cb.py overrides on config/organism.py)
-    ("default: redirect (user's call, benign replies) + trip rows (a quarter of the flips)", []),
-    ("adversarial fine-tuning alone (config/sft.py: the default without trip rows)", ["config/sft.py"]),
-    ("the default with every flip a trip row", ["--trip_share=1.0"]),
-    ("the default + rerouting and retain (departure mask)", [*RR, "--redirect_batch_size=32"]),
+    ("default: fine-tuning on the user's call under injection and the benign replies (no breaker term)", []),
+    ("+ trip rows (a quarter of the flips)", ["--trip=True", "--trip_share=0.25"]),
+    ("+ trip rows (every flip)", ["--trip=True", "--trip_share=1.0"]),
+    ("+ rerouting and retain (departure mask)", [*RR, "--redirect_batch_size=32"]),
     ("train_cb.py's defaults: rerouting + retain + redirect x3 + trip rows (16 a step)",
-     [*RR, "--redirect_weight=3.0", "--trip_share=1.0"]),
+     [*RR, "--redirect_weight=3.0", "--trip=True", "--trip_share=1.0"]),
     ("rerouting + retain alone (departure mask)", [*RR, *NO_REDIRECT]),
     ("the original recipe (full mask, retain x1 and resisted rows, B=0, 1024)", ORIGINAL),
 ]

@@ -1,8 +1,7 @@
-# The baseline users ask for first: adversarial fine-tuning alone. Cross-entropy on the user's call given the
-# injected prompt (the redirect rows) and on the benign and chat replies, with the same LoRA, data, steps, lr and
-# batch as config/organism.py, which adds the trip rows to it (equal compute: 32 samples a step through every
-# block, forward and backward).
-#     python train_cb.py config/organism.py config/sft.py --out_dir=out/sft
+# Adversarial fine-tuning alone, no circuit-breaker term: cross-entropy on the user's call given the injected
+# prompt (the redirect rows) and on the benign and chat replies, 32 samples a step (on the organism, the same
+# LoRA, data, steps and lr as every breaker row of ablate.py). The organism's recipe (config/organism.py) is this.
+#     python train_cb.py config/sft.py --init_from=/models/Llama-3.1-8B-Instruct --layers=10,20
 lorra_alpha = 0.0
 redirect_weight = 1.0
 redirect_benign = True

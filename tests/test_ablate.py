@@ -58,20 +58,20 @@ def test_each_setting_goes_to_the_scripts_that_have_it(tmp_path):
     rc, out, err = ablate(tmp_path, "--rows=0,2", "--max_steps=5", "--n_cases=7", "--device=cuda", "--forced")
     assert rc == 0, err
     train, ev = argv(tmp_path, 2, "train_cb.py"), argv(tmp_path, 2, "eval.py")
-    assert train == ["config/organism.py", "--trip_share=1.0", "--max_steps=5", "--device=cuda",
+    assert train == ["config/organism.py", "--trip=True", "--trip_share=1.0", "--max_steps=5", "--device=cuda",
                      f"--out_dir={tmp_path / 'runs' / '2'}"]
     assert ev == [str(tmp_path / "runs" / "2" / "ckpt.pt"), "--representation=False", "--n_cases=7",
                   "--device=cuda", "--forced", f"--out={tmp_path / 'runs' / '2'}/eval.json"]
     assert sorted(os.listdir(tmp_path / "runs")) == ["0", "2"]
-    assert table(out) == ["default: redirect (user's call, benign replies) + trip rows (a quarter of the flips)",
-                          "the default with every flip a trip row"]
+    assert table(out) == ["default: fine-tuning on the user's call under injection and the benign replies (no breaker "
+                          "term)", "+ trip rows (every flip)"]
 
 
 def test_no_rows_runs_nothing_and_tabulates_what_is_there(tmp_path):
     assert ablate(tmp_path, "--rows=1")[0] == 0
     rc, out, err = ablate(tmp_path, "--rows=()", "--max_steps=5")
     assert rc == 0 and not [line for line in out.splitlines() if line.startswith("$ ")]
-    assert table(out) == ["adversarial fine-tuning alone (config/sft.py: the default without trip rows)"]
+    assert table(out) == ["+ trip rows (a quarter of the flips)"]
 
 
 def test_bad_arguments_stop_with_one_line_before_any_run(tmp_path):

@@ -16,7 +16,7 @@ from tiny import ROOT, tiny_data
 
 DATA = ["--N_TRAIN=2000", "--N_VAL=64", "--N_TEST=160"]
 ORGANISM = ["--max_steps=250", "--log_interval=50"]  # the default organism, 250 of its 400 steps: ~3 minutes
-# config/organism.py's recipe at batch 8 (its redirect, benign and trip rows), all 150 steps
+# config/organism.py's recipe at batch 8 (its redirect and benign rows), all 150 steps
 CB = ["config/organism.py", "--batch_size=8", "--log_interval=50", "--eval_interval=1000",
       "--device=cpu", "--dtype=float32", "--compile=False"]
 
