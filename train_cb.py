@@ -1,13 +1,15 @@
 """
-Train a circuit breaker (Representation Rerouting, Zou et al. 2024) into a Llama 3.x tool-calling agent.
+Train a circuit breaker into a Llama 3.x tool-calling agent: Representation Rerouting (Zou et al. 2024) and the
+terms that keep the injected agent doing the user's task.
 
-    python train_cb.py                                    # the embedded model organism, one process
-    python train_cb.py config/organism.py --max_steps=60
+    python train_cb.py config/organism.py                 # the embedded model organism's recipe, one process
+    python train_cb.py config/organism.py --lorra_alpha=10 --batch_size=16 --redirect_weight=3 --trip  # + rerouting
     torchrun --nproc_per_node=8 train_cb.py --init_from=/models/Llama-3.1-8B-Instruct --layers=10,12,14,16,18,20
 
-A LoRA adapter on blocks 0..max(layers) learns to push the hidden states of injected-and-obeyed
-completions away from the frozen model's (rerouting) while keeping benign hidden states in place
-(retain). The frozen states come from the same weights with the adapters switched off.
+A LoRA adapter on blocks 0..max(layers) learns to push the hidden states of injected-and-obeyed completions away
+from the frozen model's (rerouting) while keeping benign hidden states in place (retain), and to make the user's
+call under injection (redirect: cross-entropy; trip rows: the end of the turn inside a forced attacker's call). The
+frozen states come from the same weights with the adapters switched off; step.py holds the step.
 """
 
 import json
