@@ -468,8 +468,8 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
             cuts[j] = random.Random(f'{seed}:{r["id"]}').randint(len(forced_prefill(tok, r['attacker_tool'])), n - 1)
     out = [encode_trip(tok, r, k) for r, k in zip(flips, cuts)]
     if twins is not None:
-        out += [encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'], completion=r['completion']), k)
-                for r, k in zip(flips, cuts) if r['id'] in twins]
+        out += [encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'], completion=r['completion']),
+                            k) for r, k in zip(flips, cuts) if r['id'] in twins]
     return out
 
 

@@ -110,9 +110,10 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
     sums = torch.zeros(4, device=device, dtype=torch.float64)  # this process's loss_rr, _retain, _redirect, _pull
     parts = {"rr": [], "retain": [], "call": []}
     for k in range(accum):
-        # each term's batch (its own size: the redirect batch may differ) in world x accum equal pieces
-        piece_of = lambda rows: rows[(k * world + rank) * (len(rows) // (world * accum)):
-                                     (k * world + rank + 1) * (len(rows) // (world * accum))]
+        def piece_of(rows):  # this process's k-th of world x accum equal pieces of a term's batch (its own size)
+            m = len(rows) // (world * accum)
+            return rows[(k * world + rank) * m:(k * world + rank + 1) * m]
+
         piece = lambda rows: collate(piece_of(rows), pad_id)
         # one backward per term, so that only one LoRA graph is alive at a time
         if on["retain"]:

@@ -235,7 +235,7 @@ try:
     n_trip = 0
     if trip:
         twins = data.twins_of(samples) if trip_twins else None
-        if trip_twins and not any(s["kind"] == "harmful" and s["id"] in twins for s in harmful_rows):
+        if trip_twins and not any(s["id"] in twins for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]):
             fail(f"{train_path}: trip_twins needs tool-flip samples that name their clean twin (\"twin\": id)")
         trips = trip_rows(tok, harmful_rows, trip_share, seed, twins, trip_depth)
         redirect += trips

@@ -429,6 +429,18 @@ def test_trip_rows_at_any_depth_cut_the_attackers_own_call_inside_its_arguments(
         trip_rows(tok, rows, depth="deep")
 
 
+def test_twin_trips_need_flips_that_name_their_twin(base, data_dir, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
+    for r in rows:
+        r.pop("twin", None)
+    data.write_jsonl(str(tmp_path / "train.jsonl"), rows)
+    p = run_train(base, data_dir, tmp_path / "out", f"--train_file={tmp_path / 'train.jsonl'}", "--trip_twins",
+                  check=False)
+    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
+        f"train_cb.py: {tmp_path / 'train.jsonl'}: trip_twins needs tool-flip samples that name their clean twin "
+        '("twin": id)']
+
+
 def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(data_dir):
     from chat import encode_trip, forced_prefill, prompt_ids
     tok = data.load_tokenizer()
