@@ -365,18 +365,6 @@ def test_pull_distance_is_the_mean_l2_over_layers_summed_over_positions():
         losses.pull_distance(a, b[:, :2])
 
 
-def test_pull_needs_rows_that_name_their_twin(base, data_dir, tmp_path):
-    rows = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
-    for r in rows:
-        r.pop("twin", None)
-    data.write_jsonl(str(tmp_path / "train.jsonl"), rows)
-    p = run_train(base, data_dir, tmp_path / "out", f"--train_file={tmp_path / 'train.jsonl'}", "--pull_weight=1",
-                  check=False)
-    assert p.returncode != 0 and p.stderr.strip().splitlines() == [
-        f"train_cb.py: {tmp_path / 'train.jsonl'}: pull_weight > 0 needs redirect rows that name their clean twin "
-        '("twin": id)']
-
-
 def test_trip_share_draws_that_share_of_the_tool_flips(base, data_dir, tmp_path):
     rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
     flips = sum(r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"] for r in rows)
@@ -429,16 +417,18 @@ def test_trip_rows_at_any_depth_cut_the_attackers_own_call_inside_its_arguments(
         trip_rows(tok, rows, depth="deep")
 
 
-def test_twin_trips_need_flips_that_name_their_twin(base, data_dir, tmp_path):
+@pytest.mark.parametrize("flag, needs", [
+    ("--pull_weight=1", "pull_weight > 0 needs redirect rows"),
+    ("--trip_twins", "trip_twins needs tool-flip samples"),
+], ids=["pull", "trip_twins"])
+def test_the_twin_terms_need_rows_that_name_their_twin(base, data_dir, tmp_path, flag, needs):
     rows = [json.loads(line) for line in open(os.path.join(data_dir, "train.jsonl"))]
     for r in rows:
         r.pop("twin", None)
     data.write_jsonl(str(tmp_path / "train.jsonl"), rows)
-    p = run_train(base, data_dir, tmp_path / "out", f"--train_file={tmp_path / 'train.jsonl'}", "--trip_twins",
-                  check=False)
+    p = run_train(base, data_dir, tmp_path / "out", f"--train_file={tmp_path / 'train.jsonl'}", flag, check=False)
     assert p.returncode != 0 and p.stderr.strip().splitlines() == [
-        f"train_cb.py: {tmp_path / 'train.jsonl'}: trip_twins needs tool-flip samples that name their clean twin "
-        '("twin": id)']
+        f"train_cb.py: {tmp_path / 'train.jsonl'}: {needs} that name their clean twin (\"twin\": id)"]
 
 
 def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(data_dir):
