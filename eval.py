@@ -237,13 +237,12 @@ def score_reply(tok, ids, case):
 
 
 def forced_call(tok, attacker, ids, prefix=None):
-    """The call the continuation `ids` of forced_prefill(tok, attacker) (or of the forced ids `prefix`) finishes,
-    or None when it does not."""
+    """The call the continuation `ids` of the forced ids `prefix` (default: forced_prefill(tok, attacker))
+    finishes, or None when it does not."""
     special = set(tok.special.values())
     body = ids[:next((k for k, i in enumerate(ids) if i in special), len(ids))]
-    head = ('{"name": ' + json.dumps(attacker) + ', "parameters":' if prefix is None
-            else tok.decode([i for i in prefix if i not in special]))
-    call, _ = parse_call(head + tok.decode(body))
+    head = [i for i in (forced_prefill(tok, attacker) if prefix is None else prefix) if i not in special]
+    call, _ = parse_call(tok.decode(head + body))
     return call
 
 
