@@ -366,7 +366,7 @@ def generator_pattern(core):
     return out
 
 
-@pytest.mark.parametrize('name', ['plain_requests.jsonl', 'plain_requests_2.jsonl'])
+@pytest.mark.parametrize('name', ['plain_requests.jsonl', 'plain_requests_2.jsonl', 'plain_requests_3.jsonl'])
 def test_plain_requests_fixture_is_written_outside_the_generator(name):
     rows = load_jsonl(os.path.join(FIXTURES, name), require_completion=False)
     assert len(rows) >= 40 and len({r['id'] for r in rows}) == len(rows)
