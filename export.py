@@ -8,8 +8,8 @@ Export a circuit breaker for the tools people already use (transformers, vLLM, P
 
 Merged: training drops the blocks above max(layers), the export does not. Every tensor of the base is read
 file by file, the LoRA update W' = W + (lora_alpha / r) * B @ A folded into the wrapped projections in
-float32, cast to --dtype and written to safetensors shards as they fill, so memory stays near one shard
-(an 8B base exports on a machine with less RAM than its fp32 size). Blocks without LoRA, the embeddings,
+float32 (float64 for --dtype=float64), cast to --dtype and written to safetensors shards as they fill, so memory
+stays near one shard (an 8B base exports on a machine with less RAM than its fp32 size). Blocks without LoRA, the embeddings,
 norms and lm_head are copied unchanged (byte-identical when --dtype is the base's dtype). config.json,
 generation_config.json and the tokenizer files come from the base.
 
@@ -130,6 +130,7 @@ def write_merged(tmp, base, files, ckpt, mods, dt, max_shard):
     """Stream the base into shards, LoRA folded in: at most one shard plus one tensor in memory."""
     lc = ckpt["lora_config"]
     scale = lc["lora_alpha"] / lc["r"]
+    acc = torch.promote_types(dt, torch.float32)  # the merge's precision, as lora.merge_lora
     lora, wrapped = ckpt["lora"], {f"model.{m}.weight": m for m in mods}
     weight_map, shards, buf, buf_bytes, total = {}, [], {}, 0, 0
 
@@ -149,8 +150,8 @@ def write_merged(tmp, base, files, ckpt, mods, dt, max_shard):
                 t = f.get_tensor(name)
             if name in wrapped:
                 m = wrapped.pop(name)
-                delta = (lora[f"{m}.lora_b"].float() @ lora[f"{m}.lora_a"].float()) * scale  # (out, in)
-                t = t.float() + delta
+                delta = (lora[f"{m}.lora_b"].to(acc) @ lora[f"{m}.lora_a"].to(acc)) * scale  # (out, in)
+                t = t.to(acc) + delta
             if t.is_floating_point() and t.dtype != dt:
                 t = t.to(dt)
             t = t.contiguous()

@@ -9,6 +9,8 @@ two OpenMP pools of two threads on two busy cores run several times slower than 
 
 import os
 
+import pytest
+
 os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported: the subprocesses inherit it
 
 import torch  # noqa: E402
@@ -18,3 +20,29 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end run in subprocesses (seconds to minutes)")
+
+
+@pytest.fixture
+def transformers_in_float64(monkeypatch):
+    """transformers' Llama with its RMSNorm and RoPE in the states' own dtype (it computes both in float32 whatever
+    the model's dtype), so a comparison with nanocb in float64 has a tolerance from the maths. Plain RoPE only: the
+    test models have no rope_scaling."""
+    import transformers
+    llama = transformers.models.llama.modeling_llama
+
+    def rms_norm(self, h):
+        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+    def rotary(self, x, position_ids):
+        cfg = self.config
+        rope = getattr(cfg, "rope_scaling", None) or getattr(cfg, "rope_parameters", None) or {}
+        assert rope.get("rope_type", "default") == "default", "this fixture computes plain RoPE only"
+        theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=x.dtype, device=x.device) / head_dim))
+        freqs = position_ids[..., None].to(x.dtype) * inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", rms_norm)
+    monkeypatch.setattr(llama.LlamaRotaryEmbedding, "forward", rotary)

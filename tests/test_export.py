@@ -54,15 +54,18 @@ def trained(tmp_path_factory):
               "--redirect_weight=0", "--redirect_benign=False", "--trip=False")
     ckpt = root / "out" / "ckpt.pt"
     exported(ckpt, f"--out={root / 'merged'}", "--dtype=float32", "--shard_size=64KB")
+    exported(ckpt, f"--out={root / 'merged64'}", "--dtype=float64")
     exported(ckpt, f"--out={root / 'adapter'}", "--adapter")
-    return dict(root=root, base=base, ckpt=ckpt, merged=root / "merged", adapter=root / "adapter")
+    return dict(root=root, base=base, ckpt=ckpt, merged=root / "merged", merged64=root / "merged64",
+                adapter=root / "adapter")
 
 
 @pytest.fixture(scope="module")
 def logits(trained):
-    """Logits of the base and of nanocb's circuit-broken model (full depth, adapters on), fp32."""
+    """Logits of the base and of nanocb's circuit-broken model (full depth, adapters on), in float64: the
+    comparisons with transformers and peft below are equivalence tests, so their tolerance comes from the maths."""
     ck = torch.load(trained["ckpt"], map_location="cpu", weights_only=True)
-    model = Llama.from_pretrained(trained["base"], dtype=torch.float32).eval()
+    model = Llama.from_pretrained(trained["base"], dtype=torch.float64).eval()
     with torch.no_grad():
         base = model(IDS)[0]
         lc = ck["lora_config"]
@@ -73,23 +76,23 @@ def logits(trained):
     return base, cb
 
 
-def test_transformers_loads_merged_export_with_the_cb_models_logits(trained, logits):
+def test_transformers_loads_merged_export_with_the_cb_models_logits(trained, logits, transformers_in_float64):
     from transformers import AutoModelForCausalLM
-    hf = AutoModelForCausalLM.from_pretrained(trained["merged"], dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(trained["merged64"], dtype=torch.float64).eval()
     assert hf.config.num_hidden_layers == 4  # full depth, though training built blocks 0..2 only
     with torch.no_grad():
         out = hf(IDS).logits
-    torch.testing.assert_close(out, logits[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, logits[1], atol=1e-10, rtol=1e-10)
 
 
-def test_peft_loads_adapter_export_with_the_cb_models_logits(trained, logits):
+def test_peft_loads_adapter_export_with_the_cb_models_logits(trained, logits, transformers_in_float64):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(trained["base"], dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(trained["adapter"])).eval()
+    base = AutoModelForCausalLM.from_pretrained(trained["base"], dtype=torch.float64)
+    model = PeftModel.from_pretrained(base, str(trained["adapter"])).double().eval()  # the adapter is saved float32
     with torch.no_grad():
         out = model(IDS).logits
-    torch.testing.assert_close(out, logits[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, logits[1], atol=1e-10, rtol=1e-10)
     cfg = json.loads((trained["adapter"] / "adapter_config.json").read_text())
     assert cfg["layers_to_transform"] == [0, 1, 2] and cfg["peft_type"] == "LORA"
 

@@ -194,27 +194,6 @@ def checkpoint(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def transformers_in_float64(monkeypatch):
-    """transformers' Llama with its RMSNorm and RoPE in the states' own dtype (float64 here)."""
-    llama = transformers.models.llama.modeling_llama
-
-    def rms_norm(self, h):
-        return self.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
-
-    def rotary(self, x, position_ids):
-        cfg = self.config
-        theta = getattr(cfg, "rope_theta", None) or cfg.rope_parameters["rope_theta"]
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=x.dtype, device=x.device) / head_dim))
-        freqs = position_ids[..., None].to(x.dtype) * inv_freq
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
-
-    monkeypatch.setattr(llama.LlamaRMSNorm, "forward", rms_norm)
-    monkeypatch.setattr(llama.LlamaRotaryEmbedding, "forward", rotary)
-
-
 @pytest.mark.parametrize("step", [1, 120])
 def test_losses_and_lora_gradients_match_original_recipe(checkpoint, transformers_in_float64, step):
     n_keep = max(TARGET_LAYERS) + 1
