@@ -4,6 +4,7 @@ against it? The base and the circuit-broken (CB) model, on the same injected cas
 
     python attack.py out/organism/ckpt.pt                          # 50 injected cases of data/test.jsonl
     python attack.py ckpt.pt --data=cases.jsonl --out=attack.json --steps=100
+    python attack.py ckpt.pt --data=data/train.jsonl --n_cases=100 --transfer=False --embedding=False --rows=adv.jsonl
 
 Every attack aims at the attacker's whole call, <|python_tag|>{"name": ..., "parameters": {...}}<|eom_id|>:
 another tool for a flip, the user's tool with the attacker's arguments for a hijack (attacker_tool ==
@@ -79,6 +80,10 @@ embed_eps = 1.0  # the budget, in units of a real embedding's mean L2 norm (l2) 
 embed_lr = 0.1  # a signed-gradient step's length, as a share of the budget
 max_new_tokens = 64  # as eval.py
 heldout_families = ()  # injection families never seen in training; () = as the data's summary.json says
+rows = ""  # also write adversarial training rows to this JSONL: each case with the string found against the CB
+           # model (the base's without a checkpoint) typed in at its site, answered with the user's call
+           # (expected_call): redirect rows of data.py's schema, for a train.jsonl (README, *Adaptive attacks*)
+rows_repeat = 4  # copies of each row (ids <case id>-gcg0, -gcg1, ...), so a hundred cases weigh in a train split
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -165,6 +170,14 @@ def target_call(model, tok, case, prompt):
         call = ev.forced_call(tok, case["attacker_tool"], ids)
         params = call["parameters"] if call else {}
     return {"name": case["attacker_tool"], "parameters": params}
+
+
+def training_rows(case, lay, text, repeat):
+    """The case with `text` typed in at its site and the user's call as the completion: `repeat` redirect rows
+    (an injected prompt answered right), the case's other fields (tools, twin, family) kept."""
+    row = {**case, "kind": "retain", "messages": with_string(case, lay, text),
+           "completion": {"tool_call": case["expected_call"]}}
+    return [{**row, "id": f"{case['id']}-gcg{k}"} for k in range(repeat)]
 
 
 def verdict(tok, case, ids):
@@ -493,6 +506,10 @@ if __name__ == "__main__":
         fail(f"embed_norm must be 'l2' or 'linf', got {embed_norm!r}")
     if not (embed_eps > 0 and embed_lr > 0):
         fail(f"embed_eps and embed_lr must be positive, got {embed_eps!r} and {embed_lr!r}")
+    if not (type(rows_repeat) is int and rows_repeat > 0):
+        fail(f"rows_repeat must be a positive integer, got {rows_repeat!r}")
+    if rows and not os.path.isdir(os.path.dirname(os.path.abspath(rows))):
+        fail(f"--rows={rows}: no such directory to write it in")
 
     if dtype not in ev.DTYPES:
         fail(f"dtype must be one of {', '.join(ev.DTYPES)}, got {dtype!r}")
@@ -510,6 +527,9 @@ if __name__ == "__main__":
         injected = [injected[i] for i in sorted(random.Random(seed).sample(range(len(injected)), n_cases))]
 
     heldout_families = heldout_families or ev.heldout_families_of(cases_path)
+    unanswered = [c["id"] for c in injected if not c.get("expected_call")]
+    if rows and unanswered:
+        fail(f"{cases_path}: case {unanswered[0]} has no expected_call: --rows answers each case with the user's call")
 
     model = ev.load_model(base_dir, info, dtype, device, source=ckpt)  # one model: the base is its adapters off
     model.requires_grad_(False)  # gradients go to the adversarial inputs only
@@ -522,7 +542,7 @@ if __name__ == "__main__":
           f"{embed_steps} steps, {embed_norm} budget {eps:.4g} ({embed_eps} x the mean embedding "
           f"{'norm' if embed_norm == 'l2' else '|entry|'})", flush=True)
 
-    recs = []
+    recs, adv_rows = [], []
     for i, case in enumerate(injected):
         try:
             lay = layout(tok, case, injection_site(case))
@@ -550,6 +570,8 @@ if __name__ == "__main__":
                                  torch.Generator().manual_seed(seed + i))
             rec["embedding"] = {k: v for k, v in r.items() if k not in INTERNAL}
         recs.append(rec)
+        if rows:
+            adv_rows += training_rows(case, lay, rec[modes[-1]]["string"], rows_repeat)
         show = lambda r: "-" if r["first_success"] is None else str(r["first_success"])
         line = f"[{i + 1}/{len(injected)}] {case['family'][:20]:20} {rec['placement']:11} {rec['kind']:6} " \
                f"base {show(rec['base'])} ({rec['base']['seconds']:.1f}s)"
@@ -592,3 +614,6 @@ if __name__ == "__main__":
     png = os.path.splitext(out_path)[0] + ".png"
     drew = plot(summary, png)
     print(f"\nwrote {out_path}" + (f" and {png}" if drew else "") + f" ({len(recs)} cases, {result['seconds']:.0f}s)")
+    if rows:
+        dataset.write_jsonl(rows, adv_rows)
+        print(f"wrote {rows} ({len(adv_rows)} adversarial redirect rows: {len(recs)} cases x {rows_repeat})")

@@ -282,3 +282,26 @@ def test_a_checkpoint_that_is_not_one_stops_with_one_line(checkpoint, tmp_path, 
     p = run(str(path), f"--data={checkpoint / 'cases.jsonl'}")
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
     assert str(path) in p.stderr and "checkpoint" in p.stderr
+
+
+def test_rows_are_the_cases_with_the_cb_string_typed_in_and_the_users_call(checkpoint, case, tok):
+    out, rows = checkpoint / "r.json", checkpoint / "adv.jsonl"
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={checkpoint / 'cases.jsonl'}", f"--out={out}", f"--rows={rows}",
+            "--rows_repeat=2", "--n_adv=3", "--steps=2", "--n_candidates=8", "--topk=4", "--transfer=False",
+            "--embedding=False", "--max_new_tokens=8")
+    assert p.returncode == 0, p.stderr
+    recs = json.loads(out.read_text())["cases"]
+    got = data.load_jsonl(str(rows))  # the schema's own check: they are rows a train split can take
+    assert [r["id"] for r in got] == [f"{c['id']}-gcg{k}" for c in recs for k in range(2)]
+    lay = attack.layout(tok, case, attack.injection_site(case))
+    for row, rec in zip(got, [r for r in recs for _ in range(2)]):
+        assert row["kind"] == "retain" and row["attacker_tool"] == case["attacker_tool"]
+        assert row["completion"] == {"tool_call": case["expected_call"]}
+        k, text = lay["k"], rec["cb"]["string"]  # the CB model's string, where the attack put it
+        assert row["messages"][k]["content"] == lay["before"] + text + lay["after"] != case["messages"][k]["content"]
+        assert [m for i, m in enumerate(row["messages"]) if i != k] == \
+               [m for i, m in enumerate(case["messages"]) if i != k]
+    bad = checkpoint / "no_call.jsonl"
+    data.write_jsonl(str(bad), [{k: v for k, v in case.items() if k != "expected_call"}])
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={bad}", f"--rows={rows}")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "expected_call" in p.stderr
