@@ -9,8 +9,8 @@ Export a circuit breaker for the tools people already use (transformers, vLLM, P
 Merged: training drops the blocks above max(layers), the export does not. Every tensor of the base is read
 file by file, the LoRA update W' = W + (lora_alpha / r) * B @ A folded into the wrapped projections in
 float32 (float64 for --dtype=float64), cast to --dtype and written to safetensors shards as they fill, so memory
-stays near one shard (an 8B base exports on a machine with less RAM than its fp32 size). Blocks without LoRA, the embeddings,
-norms and lm_head are copied unchanged (byte-identical when --dtype is the base's dtype). config.json,
+stays near one shard (an 8B base exports on a machine with less RAM than its fp32 size). Blocks without LoRA, the
+embeddings, norms and lm_head are copied unchanged (byte-identical when --dtype is the base's dtype). config.json,
 generation_config.json and the tokenizer files come from the base.
 
 Adapter: adapter_config.json + adapter_model.safetensors under PEFT's names, float32 as trained, for
