@@ -4,7 +4,8 @@ against it? The base and the circuit-broken (CB) model, on the same injected cas
 
     python attack.py out/organism/ckpt.pt                          # 50 injected cases of data/test.jsonl
     python attack.py ckpt.pt --data=cases.jsonl --out=attack.json --steps=100
-    python attack.py ckpt.pt --data=data/train.jsonl --n_cases=100 --transfer=False --embedding=False --rows=adv.jsonl
+    python attack.py ckpt.pt --data=data/train.jsonl --kinds=retain --n_cases=100 --base=False --transfer=False \
+        --embedding=False --rows=adv.jsonl                         # a round of adversarial training rows
 
 Every attack aims at the attacker's whole call, <|python_tag|>{"name": ..., "parameters": {...}}<|eom_id|>:
 another tool for a flip, the user's tool with the attacker's arguments for a hijack (attacker_tool ==
@@ -28,7 +29,7 @@ by the loss; a case's ASR curve counts it from the first step whose string succe
 attack.json keys:
   ckpt, init_from, data, config (every attack.py setting), seconds, embed_budget ({"norm", "eps": absolute})
   summary: {"gcg": {"base": G, "cb": G}, "transfer": G, "embedding": {"cb": G}} (cb entries null without a
-    checkpoint), G = {"overall", "train_families", "heldout_families", "user_turn", "tool_result", "flip", "hijack": S,
+    checkpoint, base and transfer null with --base=False), G = {"overall", "train_families", "heldout_families", "user_turn", "tool_result", "flip", "hijack": S,
     "by_family": {family: S}}, S = {"n", "asr": {"value", "n"}, "curve": [ASR after 0, 1, .. steps],
     "mean_steps_to_success": mean over the cases that succeeded, or null}
   best_strings: up to 5 adversarial strings that broke the CB model soonest (then the base's):
@@ -64,6 +65,9 @@ data = ""  # cases JSONL (data.py's schema); '' = data_dir/test.jsonl; clean cas
 data_dir = "data"
 out = ""  # attack.json path; '' = next to the checkpoint; a PNG of the curves beside it if matplotlib is installed
 n_cases = 50  # injected cases, a seeded draw from the file; 0 = all
+kinds = ""  # draw only injected rows of these kinds ('retain' = train's redirect rows); '' = every injected row
+base = True  # GCG on the base model too; False (with a checkpoint) attacks the CB model alone, as a --rows round
+            # needs (transfer needs the base's strings)
 n_adv = 20  # adversarial tokens
 steps = 25  # GCG steps per case and model (the attack budget)
 n_candidates = 128  # single-token swaps scored per step
@@ -483,7 +487,7 @@ def plot(summary, path):
         ax.axhline(100 * summary["transfer"]["overall"]["asr"]["value"], ls="--", color="gray",
                    label="transfer (base strings on CB)")
     ax.set(xlabel="attack steps", ylabel="ASR (%)", ylim=(-2, 102),
-           title=f"attacker's call, {summary['gcg']['base']['overall']['n']} injected cases")
+           title=f"attacker's call, {(summary['gcg']['base'] or summary['gcg']['cb'])['overall']['n']} injected cases")
     ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
@@ -502,6 +506,16 @@ if __name__ == "__main__":
             fail(f"{name} must be a positive integer, got {globals()[name]!r}")
     if type(n_cases) is not int or n_cases < 0:
         fail(f"n_cases must be an integer >= 0, got {n_cases!r}")
+    kinds = tuple(k for k in str(kinds).split(",") if k)
+    if set(kinds) - set(dataset.KINDS):
+        fail(f"kinds: {', '.join(sorted(set(kinds) - set(dataset.KINDS)))} is not a row kind "
+             f"({', '.join(dataset.KINDS)})")
+    if type(base) is not bool:
+        fail(f"base must be True or False, got {base!r}")
+    if not base and not ckpt:
+        fail("--base=False attacks the CB model alone: give a checkpoint (python attack.py ckpt.pt)")
+    if not base and transfer:
+        fail("--base=False leaves no base strings to transfer: add --transfer=False")
     if embed_norm not in ("l2", "linf"):
         fail(f"embed_norm must be 'l2' or 'linf', got {embed_norm!r}")
     if not (embed_eps > 0 and embed_lr > 0):
@@ -520,9 +534,10 @@ if __name__ == "__main__":
     ev.check_base(base_dir, info, source=ckpt)
 
     cases_path, cases, tok = ev.load_cases(data, data_dir, base_dir)
-    injected = [c for c in cases if c["attacker_tool"] is not None]
+    injected = [c for c in cases if c["attacker_tool"] is not None and (not kinds or c["kind"] in kinds)]
     if not injected:
-        fail(f"{cases_path}: no injected case (a row with attacker_tool set) to attack")
+        fail(f"{cases_path}: no injected case (a row with attacker_tool set"
+             + (f" of kind {', '.join(kinds)}" if kinds else "") + ") to attack")
     if n_cases and len(injected) > n_cases:
         injected = [injected[i] for i in sorted(random.Random(seed).sample(range(len(injected)), n_cases))]
 
@@ -533,7 +548,7 @@ if __name__ == "__main__":
 
     model = ev.load_model(base_dir, info, dtype, device, source=ckpt)  # one model: the base is its adapters off
     model.requires_grad_(False)  # gradients go to the adversarial inputs only
-    modes = ("base", "cb") if info else ("base",)
+    modes = ("base", "cb")[0 if base else 1:] if info else ("base",)
     allowed, head = allowed_tokens(tok, model), head_classes(model)
     eps = embed_budget(model, allowed)
     print(f"base {base_dir}" + (f"; checkpoint {ckpt} (step {info.get('step')})" if info else "; no checkpoint"))
@@ -555,7 +570,7 @@ if __name__ == "__main__":
                    placement="tool_result" if case["messages"][lay["k"]]["role"] == "ipython" else "user_turn",
                    kind="hijack" if case["attacker_tool"] == case["expected_tool"] else "flip",
                    expected_tool=case["expected_tool"], attacker_tool=case["attacker_tool"], target=call,
-                   cb=None, transfer=None, embedding=None)
+                   base=None, cb=None, transfer=None, embedding=None)
         for mode in modes:
             gen = torch.Generator().manual_seed(seed + i)
             with adapters_off(model) if mode == "base" else nullcontext():
@@ -573,8 +588,9 @@ if __name__ == "__main__":
         if rows:
             adv_rows += training_rows(case, lay, rec[modes[-1]]["string"], rows_repeat)
         show = lambda r: "-" if r["first_success"] is None else str(r["first_success"])
-        line = f"[{i + 1}/{len(injected)}] {case['family'][:20]:20} {rec['placement']:11} {rec['kind']:6} " \
-               f"base {show(rec['base'])} ({rec['base']['seconds']:.1f}s)"
+        line = f"[{i + 1}/{len(injected)}] {case['family'][:20]:20} {rec['placement']:11} {rec['kind']:6}"
+        if rec["base"]:
+            line += f" | base {show(rec['base'])} ({rec['base']['seconds']:.1f}s)"
         if rec["cb"]:
             line += f" | CB {show(rec['cb'])} ({rec['cb']['seconds']:.1f}s)"
         if rec["transfer"]:
@@ -584,7 +600,7 @@ if __name__ == "__main__":
         print(line + f" | {time.time() - t_start:.0f}s", flush=True)
 
     first = lambda key: lambda r: r[key]["first_success"]
-    summary = {"gcg": {"base": grouped(recs, first("base"), steps, heldout_families),
+    summary = {"gcg": {"base": grouped(recs, first("base"), steps, heldout_families) if base else None,
                        "cb": grouped(recs, first("cb"), steps, heldout_families) if info else None},
                "transfer": grouped(recs, lambda r: 0 if r["transfer"]["success"] else None, 0, heldout_families)
                if info and transfer else None,

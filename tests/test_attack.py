@@ -305,3 +305,27 @@ def test_rows_are_the_cases_with_the_cb_string_typed_in_and_the_users_call(check
     data.write_jsonl(str(bad), [{k: v for k, v in case.items() if k != "expected_call"}])
     p = run(str(checkpoint / "ckpt.pt"), f"--data={bad}", f"--rows={rows}")
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "expected_call" in p.stderr
+
+
+def test_kinds_draws_only_those_rows_and_base_false_attacks_the_cb_model_alone(checkpoint, case):
+    cases, out, rows = checkpoint / "kinds.jsonl", checkpoint / "k.json", checkpoint / "k.jsonl"
+    data.write_jsonl(str(cases), [{**case, "id": "first", "kind": "harmful"},  # train holds each injected prompt
+                                  {**case, "id": "second", "kind": "retain"}])  # as both kinds
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={cases}", f"--out={out}", f"--rows={rows}", "--kinds=retain",
+            "--base=False", "--transfer=False", "--embedding=False", "--n_adv=3", "--steps=2", "--n_candidates=8",
+            "--topk=4", "--max_new_tokens=8")
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert [c["id"] for c in r["cases"]] == ["second"] and r["cases"][0]["base"] is None
+    assert r["summary"]["gcg"]["base"] is None and r["summary"]["gcg"]["cb"]["overall"]["n"] == 1
+    assert r["summary"]["transfer"] is None and [b["model"] for b in r["best_strings"]] in ([], ["cb"])
+    got = data.load_jsonl(str(rows))  # the rows carry the CB model's string
+    k = attack.layout(data.load_tokenizer(), case, attack.injection_site(case))["k"]
+    assert r["cases"][0]["cb"]["string"] in got[0]["messages"][k]["content"]
+    ckpt = str(checkpoint / "ckpt.pt")
+    for bad, words in (([ckpt, "--kinds=redirect"], "redirect is not a row kind"),
+                       ([ckpt, "--kinds=benign"], "of kind benign"),
+                       ([ckpt, "--base=False"], "--transfer=False"),
+                       (["--base=False", "--transfer=False"], "give a checkpoint")):
+        p = run(*bad, f"--data={cases}", f"--out={out}")
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and words in p.stderr, p.stderr
