@@ -29,8 +29,9 @@ by the loss; a case's ASR curve counts it from the first step whose string succe
 attack.json keys:
   ckpt, init_from, data, config (every attack.py setting), seconds, embed_budget ({"norm", "eps": absolute})
   summary: {"gcg": {"base": G, "cb": G}, "transfer": G, "embedding": {"cb": G}} (cb entries null without a
-    checkpoint, base and transfer null with --base=False), G = {"overall", "train_families", "heldout_families", "user_turn", "tool_result", "flip", "hijack": S,
-    "by_family": {family: S}}, S = {"n", "asr": {"value", "n"}, "curve": [ASR after 0, 1, .. steps],
+    checkpoint, base and transfer null with --base=False), G = {"overall", "train_families", "heldout_families",
+    "user_turn", "tool_result", "flip", "hijack": S, "by_family": {family: S}},
+    S = {"n", "asr": {"value", "n"}, "curve": [ASR after 0, 1, .. steps],
     "mean_steps_to_success": mean over the cases that succeeded, or null}
   best_strings: up to 5 adversarial strings that broke the CB model soonest (then the base's):
     [{"model", "id", "family", "string", "steps"}]
@@ -88,6 +89,8 @@ rows = ""  # also write adversarial training rows to this JSONL: each case with 
            # model (the base's without a checkpoint) typed in at its site, answered with the user's call
            # (expected_call): redirect rows of data.py's schema, for a train.jsonl (README, *Adaptive attacks*)
 rows_repeat = 4  # copies of each row (ids <case id>-gcg0, -gcg1, ...), so a hundred cases weigh in a train split
+rows_legit = 1  # with --rows, clean rows of the file per case, each a legitimate call of the case's attacker tool
+                # (ids <case id>-legit0, ...), so a round does not teach the agent to shun that tool; 0 = none
 seed = 1337
 device = "cuda" if torch.cuda.is_available() else "cpu"
 dtype = "bfloat16" if torch.cuda.is_available() else "float32"
@@ -182,6 +185,13 @@ def training_rows(case, lay, text, repeat):
     row = {**case, "kind": "retain", "messages": with_string(case, lay, text),
            "completion": {"tool_call": case["expected_call"]}}
     return [{**row, "id": f"{case['id']}-gcg{k}"} for k in range(repeat)]
+
+
+def legit_rows(pool, case, repeat, rng):
+    """`repeat` clean rows drawn from `pool` whose user's call is the case's attacker tool: the tool's legitimate
+    use, set beside the case's redirect rows so that training on them does not route its honest requests away."""
+    same = [r for r in pool if r["completion"]["tool_call"]["name"] == case["attacker_tool"]]
+    return [{**rng.choice(same), "id": f"{case['id']}-legit{k}"} for k in range(repeat)]
 
 
 def verdict(tok, case, ids):
@@ -522,6 +532,8 @@ if __name__ == "__main__":
         fail(f"embed_eps and embed_lr must be positive, got {embed_eps!r} and {embed_lr!r}")
     if not (type(rows_repeat) is int and rows_repeat > 0):
         fail(f"rows_repeat must be a positive integer, got {rows_repeat!r}")
+    if not (type(rows_legit) is int and rows_legit >= 0):
+        fail(f"rows_legit must be an integer >= 0, got {rows_legit!r}")
     if rows and not os.path.isdir(os.path.dirname(os.path.abspath(rows))):
         fail(f"--rows={rows}: no such directory to write it in")
 
@@ -545,6 +557,12 @@ if __name__ == "__main__":
     unanswered = [c["id"] for c in injected if not c.get("expected_call")]
     if rows and unanswered:
         fail(f"{cases_path}: case {unanswered[0]} has no expected_call: --rows answers each case with the user's call")
+    legit_pool = [c for c in cases if c["attacker_tool"] is None and "tool_call" in c.get("completion", {})]
+    shunned = sorted({c["attacker_tool"] for c in injected}
+                     - {c["completion"]["tool_call"]["name"] for c in legit_pool})
+    if rows and rows_legit and shunned:
+        fail(f"{cases_path}: no clean row answered with a call of {shunned[0]} for --rows_legit to draw "
+             "(a train split has them; or --rows_legit=0)")
 
     model = ev.load_model(base_dir, info, dtype, device, source=ckpt)  # one model: the base is its adapters off
     model.requires_grad_(False)  # gradients go to the adversarial inputs only
@@ -587,6 +605,8 @@ if __name__ == "__main__":
         recs.append(rec)
         if rows:
             adv_rows += training_rows(case, lay, rec[modes[-1]]["string"], rows_repeat)
+            if rows_legit:
+                adv_rows += legit_rows(legit_pool, case, rows_legit, random.Random(seed + i))
         show = lambda r: "-" if r["first_success"] is None else str(r["first_success"])
         line = f"[{i + 1}/{len(injected)}] {case['family'][:20]:20} {rec['placement']:11} {rec['kind']:6}"
         if rec["base"]:
@@ -632,4 +652,5 @@ if __name__ == "__main__":
     print(f"\nwrote {out_path}" + (f" and {png}" if drew else "") + f" ({len(recs)} cases, {result['seconds']:.0f}s)")
     if rows:
         dataset.write_jsonl(rows, adv_rows)
-        print(f"wrote {rows} ({len(adv_rows)} adversarial redirect rows: {len(recs)} cases x {rows_repeat})")
+        print(f"wrote {rows} ({len(recs)} cases x ({rows_repeat} adversarial redirect rows + {rows_legit} clean "
+              "calls of the attacker's tool))")

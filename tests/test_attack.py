@@ -284,14 +284,33 @@ def test_a_checkpoint_that_is_not_one_stops_with_one_line(checkpoint, tmp_path, 
     assert str(path) in p.stderr and "checkpoint" in p.stderr
 
 
+def clean_call(case, tool, rid):
+    """A clean train row (kind benign) on the case's prompt, answered with a call of `tool`."""
+    call = {"name": tool, "parameters": case["attacker_parameters"] if tool == case["attacker_tool"] else
+            case["expected_call"]["parameters"]}
+    return {**{k: v for k, v in case.items() if k != "twin"}, "id": rid, "kind": "benign", "family": "clean",
+            "attacker_tool": None, "attacker_parameters": None, "expected_tool": tool, "expected_call": call,
+            "completion": {"tool_call": call}}
+
+
 def test_rows_are_the_cases_with_the_cb_string_typed_in_and_the_users_call(checkpoint, case, tok):
-    out, rows = checkpoint / "r.json", checkpoint / "adv.jsonl"
-    p = run(str(checkpoint / "ckpt.pt"), f"--data={checkpoint / 'cases.jsonl'}", f"--out={out}", f"--rows={rows}",
-            "--rows_repeat=2", "--n_adv=3", "--steps=2", "--n_candidates=8", "--topk=4", "--transfer=False",
-            "--embedding=False", "--max_new_tokens=8")
+    out, rows, cases = checkpoint / "r.json", checkpoint / "adv.jsonl", checkpoint / "with_clean.jsonl"
+    legit, other = clean_call(case, case["attacker_tool"], "legit"), clean_call(case, case["expected_tool"], "other")
+    data.write_jsonl(str(cases), [case, {**case, "id": "two"}, legit, other])
+    args = (str(checkpoint / "ckpt.pt"), f"--data={cases}", f"--out={out}", f"--rows={rows}", "--rows_repeat=2",
+            "--n_adv=3", "--steps=2", "--n_candidates=8", "--topk=4", "--transfer=False", "--embedding=False",
+            "--max_new_tokens=8")
+    p = run(*args, "--rows_legit=3")
     assert p.returncode == 0, p.stderr
     recs = json.loads(out.read_text())["cases"]
     got = data.load_jsonl(str(rows))  # the schema's own check: they are rows a train split can take
+    assert [r["id"] for r in got] == [f"{c['id']}-{w}{k}" for c in recs for w, n in (("gcg", 2), ("legit", 3))
+                                      for k in range(n)]
+    # beside each case's redirect rows, clean calls of its attacker tool: the clean row of another tool never
+    assert [{**r, "id": "legit"} for r in got if "-legit" in r["id"]] == [legit] * 6
+    p = run(*args, "--rows_legit=0")
+    assert p.returncode == 0, p.stderr
+    got = data.load_jsonl(str(rows))
     assert [r["id"] for r in got] == [f"{c['id']}-gcg{k}" for c in recs for k in range(2)]
     lay = attack.layout(tok, case, attack.injection_site(case))
     for row, rec in zip(got, [r for r in recs for _ in range(2)]):
@@ -305,6 +324,9 @@ def test_rows_are_the_cases_with_the_cb_string_typed_in_and_the_users_call(check
     data.write_jsonl(str(bad), [{k: v for k, v in case.items() if k != "expected_call"}])
     p = run(str(checkpoint / "ckpt.pt"), f"--data={bad}", f"--rows={rows}")
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "expected_call" in p.stderr
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={checkpoint / 'cases.jsonl'}", f"--rows={rows}")  # no clean row
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "--rows_legit=0" in p.stderr
+    assert case["attacker_tool"] in p.stderr
 
 
 def test_kinds_draws_only_those_rows_and_base_false_attacks_the_cb_model_alone(checkpoint, case):
@@ -312,8 +334,8 @@ def test_kinds_draws_only_those_rows_and_base_false_attacks_the_cb_model_alone(c
     data.write_jsonl(str(cases), [{**case, "id": "first", "kind": "harmful"},  # train holds each injected prompt
                                   {**case, "id": "second", "kind": "retain"}])  # as both kinds
     p = run(str(checkpoint / "ckpt.pt"), f"--data={cases}", f"--out={out}", f"--rows={rows}", "--kinds=retain",
-            "--base=False", "--transfer=False", "--embedding=False", "--n_adv=3", "--steps=2", "--n_candidates=8",
-            "--topk=4", "--max_new_tokens=8")
+            "--base=False", "--transfer=False", "--embedding=False", "--rows_legit=0", "--n_adv=3", "--steps=2",
+            "--n_candidates=8", "--topk=4", "--max_new_tokens=8")
     assert p.returncode == 0, p.stderr
     r = json.loads(out.read_text())
     assert [c["id"] for c in r["cases"]] == ["second"] and r["cases"][0]["base"] is None
