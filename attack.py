@@ -187,11 +187,11 @@ def training_rows(case, lay, text, repeat):
     return [{**row, "id": f"{case['id']}-gcg{k}"} for k in range(repeat)]
 
 
-def legit_rows(pool, case, repeat, rng):
-    """`repeat` clean rows drawn from `pool` whose user's call is the case's attacker tool: the tool's legitimate
-    use, set beside the case's redirect rows so that training on them does not route its honest requests away."""
-    same = [r for r in pool if r["completion"]["tool_call"]["name"] == case["attacker_tool"]]
-    return [{**rng.choice(same), "id": f"{case['id']}-legit{k}"} for k in range(repeat)]
+def legit_rows(calls, case, repeat, rng):
+    """`repeat` clean rows drawn from `calls` ({tool: the clean rows answered with a call of it}) for the case's
+    attacker tool: the tool's legitimate use, set beside the case's redirect rows so that training on them does not
+    route its honest requests away."""
+    return [{**rng.choice(calls[case["attacker_tool"]]), "id": f"{case['id']}-legit{k}"} for k in range(repeat)]
 
 
 def verdict(tok, case, ids):
@@ -557,9 +557,11 @@ if __name__ == "__main__":
     unanswered = [c["id"] for c in injected if not c.get("expected_call")]
     if rows and unanswered:
         fail(f"{cases_path}: case {unanswered[0]} has no expected_call: --rows answers each case with the user's call")
-    legit_pool = [c for c in cases if c["attacker_tool"] is None and "tool_call" in c.get("completion", {})]
-    shunned = sorted({c["attacker_tool"] for c in injected}
-                     - {c["completion"]["tool_call"]["name"] for c in legit_pool})
+    legit_calls = {}  # tool -> the file's clean rows answered with a call of it, in file order
+    for c in cases:
+        if c["attacker_tool"] is None and "tool_call" in c.get("completion", {}):
+            legit_calls.setdefault(c["completion"]["tool_call"]["name"], []).append(c)
+    shunned = sorted({c["attacker_tool"] for c in injected} - legit_calls.keys())
     if rows and rows_legit and shunned:
         fail(f"{cases_path}: no clean row answered with a call of {shunned[0]} for --rows_legit to draw "
              "(a train split has them; or --rows_legit=0)")
@@ -606,7 +608,7 @@ if __name__ == "__main__":
         if rows:
             adv_rows += training_rows(case, lay, rec[modes[-1]]["string"], rows_repeat)
             if rows_legit:
-                adv_rows += legit_rows(legit_pool, case, rows_legit, random.Random(seed + i))
+                adv_rows += legit_rows(legit_calls, case, rows_legit, random.Random(seed + i))
         show = lambda r: "-" if r["first_success"] is None else str(r["first_success"])
         line = f"[{i + 1}/{len(injected)}] {case['family'][:20]:20} {rec['placement']:11} {rec['kind']:6}"
         if rec["base"]:
