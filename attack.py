@@ -46,8 +46,6 @@ attack.json keys:
 import json
 import os
 import random
-import re
-import string
 import time
 from contextlib import nullcontext
 
@@ -104,44 +102,6 @@ INTERNAL = ("adv", "vectors", "anchors")  # record keys for the caller, not for 
 
 
 # --- the case: where the adversarial tokens go, and what they aim for -------------------------------------
-
-def injection_site(case):
-    """(message index, character offset) just after the injection, found from its family's phrases (a field the
-    case cannot fill matches any text); without a match, the end of the last tool result or, if there is none,
-    of the last user turn."""
-    msgs = case["messages"]
-    args = case.get("attacker_parameters")
-    known = {"tool": re.escape(case["attacker_tool"]), "expected": re.escape(str(case["expected_tool"])),
-             "args": ".*?" if args is None else re.escape(json.dumps(args, ensure_ascii=False))}
-    for phrase in dataset.FAMILIES.get(case.get("family"), []):
-        pattern = "".join(re.escape(text) + ("" if field is None else known.get(field, ".*?"))
-                          for text, field, _, _ in string.Formatter().parse(phrase))
-        for k in reversed(range(len(msgs))):
-            m = re.search(pattern, msgs[k].get("content") or "", re.S)
-            if m and msgs[k]["role"] in ("user", "ipython"):
-                return k, m.end()
-    for role in ("ipython", "user"):
-        for k in reversed(range(len(msgs))):
-            if msgs[k]["role"] == role and "content" in msgs[k]:
-                return k, len(msgs[k]["content"])
-    raise dataset.DataError("no user turn or tool result to put the adversarial tokens in")
-
-
-def layout(tok, case, site):
-    """The injected prompt cut at the site: prompt = head + adv + tail. head ends with the tokens of
-    '\\n\\n' + the text before the site, tail starts with those of the text after it; everything else is
-    render()'s own output, so with adv = [] it is the case's prompt up to the cut."""
-    msgs, tools = case["messages"], case["tools"]
-    k, at = site
-    before, after = msgs[k]["content"][:at], msgs[k]["content"][at:]
-    flat = lambda segs: [i for ids, _ in segs for i in ids]
-    upto = flat(dataset.render(tok, msgs[:k] + [{**msgs[k], "content": before}], tools)[:-1])  # ends <|eot_id|>
-    whole = flat(dataset.render(tok, msgs[:k + 1], tools)[:-1])
-    full = dataset.prompt_ids(tok, msgs, tools)
-    assert full[:len(whole)] == whole, "render() is no longer message by message"
-    return dict(k=k, before=before, after=after, head=upto[:-1], tail=tok.encode(after) + full[len(whole) - 1:],
-                before_ids=tok.encode("\n\n" + before), after_ids=tok.encode(after))
-
 
 def sends_as_text(tok, lay, adv):
     """Does the adversarial text, typed into the message, encode to exactly these tokens?"""
@@ -580,7 +540,7 @@ if __name__ == "__main__":
     recs, adv_rows = [], []
     for i, case in enumerate(injected):
         try:
-            lay = layout(tok, case, injection_site(case))
+            lay = dataset.layout(tok, case, dataset.injection_site(case))
         except dataset.DataError as e:
             fail(f"{cases_path}: case {case['id']}: {e}")
         call = target_call(model, tok, case, dataset.prompt_ids(tok, case["messages"], case["tools"]))

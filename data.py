@@ -15,6 +15,7 @@ import json
 import os
 import random
 import re
+import string
 
 from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, DataError, bundled_tokenizer_dir, call_segments, check_row,
                   collate, departure_start, encode_sample, load_jsonl, load_tokenizer, mask_report, prompt_ids, render,
@@ -1004,6 +1005,66 @@ def embed(rng, content, injection):
     if where == 1 or cut < 2:
         return content + ' ' + injection
     return content[:cut] + injection + ' ' + content[cut:]
+
+
+def injection_site(case):
+    """(message index, character offset) just after the injection, found from its family's phrases (a field the
+    case cannot fill matches any text); without a match, the end of the last tool result or, if there is none,
+    of the last user turn."""
+    msgs = case["messages"]
+    args = case.get("attacker_parameters")
+    known = {"tool": re.escape(case["attacker_tool"]), "expected": re.escape(str(case["expected_tool"])),
+             "args": ".*?" if args is None else re.escape(json.dumps(args, ensure_ascii=False))}
+    for phrase in FAMILIES.get(case.get("family"), []):
+        pattern = "".join(re.escape(text) + ("" if field is None else known.get(field, ".*?"))
+                          for text, field, _, _ in string.Formatter().parse(phrase))
+        for k in reversed(range(len(msgs))):
+            m = re.search(pattern, msgs[k].get("content") or "", re.S)
+            if m and msgs[k]["role"] in ("user", "ipython"):
+                return k, m.end()
+    for role in ("ipython", "user"):
+        for k in reversed(range(len(msgs))):
+            if msgs[k]["role"] == role and "content" in msgs[k]:
+                return k, len(msgs[k]["content"])
+    raise DataError("no user turn or tool result to put the adversarial tokens in")
+
+
+def layout(tok, case, site):
+    """The injected prompt cut at the site: prompt = head + adv + tail. head ends with the tokens of
+    '\\n\\n' + the text before the site, tail starts with those of the text after it; everything else is
+    render()'s own output, so with adv = [] it is the case's prompt up to the cut."""
+    msgs, tools = case["messages"], case["tools"]
+    k, at = site
+    before, after = msgs[k]["content"][:at], msgs[k]["content"][at:]
+    flat = lambda segs: [i for ids, _ in segs for i in ids]
+    upto = flat(render(tok, msgs[:k] + [{**msgs[k], "content": before}], tools)[:-1])  # ends <|eot_id|>
+    whole = flat(render(tok, msgs[:k + 1], tools)[:-1])
+    full = prompt_ids(tok, msgs, tools)
+    assert full[:len(whole)] == whole, "render() is no longer message by message"
+    return dict(k=k, before=before, after=after, head=upto[:-1], tail=tok.encode(after) + full[len(whole) - 1:],
+                before_ids=tok.encode("\n\n" + before), after_ids=tok.encode(after))
+
+
+def adversarial_sample(tok, sample, n):
+    """An injected sample with a slot of n adversarial positions right after its injection, where attack.py puts
+    its tokens: encode_sample()'s dict of head + slot + tail + the sample's completion, plus 'adv' (the slot's
+    first position) and 'attack' (the same prompt and slot completed with the attacker's call, target_mask on
+    that call: what the training adversary makes likelier). The slot's ids are ' !' placeholders: the training
+    step puts its adversarial vectors in their place."""
+    if sample.get('attacker_tool') is None or sample.get('attacker_parameters') is None:
+        raise DataError(f'{sample.get("id", "a sample")}: an adversarial slot needs "attacker_tool" and '
+                        '"attacker_parameters" (the attacker\'s call is the adversary\'s target)')
+    lay = layout(tok, sample, injection_site(sample))
+    slotted = lay['head'] + tok.encode(' !')[:1] * n + lay['tail']
+    P = len(prompt_ids(tok, sample['messages'], sample['tools']))
+
+    def completed(completion):
+        e = encode_sample(tok, {**sample, 'completion': completion}, 'completion')
+        return {'ids': slotted + e['ids'][P:], 'cb_mask': [0] * len(slotted) + e['cb_mask'][P:],
+                'target_mask': [0] * len(slotted) + e['target_mask'][P:]}
+
+    attacker = {'tool_call': {'name': sample['attacker_tool'], 'parameters': sample['attacker_parameters']}}
+    return {**completed(sample['completion']), 'adv': len(lay['head']), 'attack': completed(attacker)}
 
 
 # -----------------------------------------------------------------------------

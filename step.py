@@ -6,7 +6,8 @@ A step draws three sets of samples (train_cb.py decides which rows go where):
             target layers are pushed away from the frozen model's (rerouting, ReLU of the cosine -> 0);
   retain    benign requests and plain chat: every stacked state stays where the frozen model has it (L2);
   redirect  injected prompts completed with the user's own call: cross-entropy on that call, adapters on, so
-            the injected agent still does the user's task instead of breaking (0 weight: the original recipe);
+            the injected agent still does the user's task instead of breaking (0 weight: the original recipe),
+            optionally with an embedding-space adversary's vectors in a slot after the injection (adv_tokens);
             and/or the pull: the states that emit that call, pulled towards the frozen states of the clean twin
             (the same request without the injection) at the same call positions, which the frozen model
             already decodes into the user's call.
@@ -31,15 +32,17 @@ class StepError(Exception):
     """A step whose loss is not finite: every process raises it, so none waits in an all-reduce."""
 
 
-def hidden_states(model, fmodel, ids, frozen, stop=None, dynamic=False):
+def hidden_states(model, fmodel, ids, frozen, stop=None, dynamic=False, embeds=None):
     """Stacked hidden states (n+1, B, T, D) with the adapters on (trainable) or off (frozen, no graph).
-    stop=l runs blocks 0..l-1 only. dynamic marks the length dimension for torch.compile (one graph for all)."""
+    stop=l runs blocks 0..l-1 only. dynamic marks the length dimension for torch.compile (one graph for all).
+    embeds (B, T, D), when given, are the input embeddings in place of ids' (an adversary's vectors in them)."""
     if dynamic:
-        torch._dynamo.maybe_mark_dynamic(ids, 1)
+        torch._dynamo.maybe_mark_dynamic(ids if embeds is None else embeds, 1)
+    ids = ids if embeds is None else None
     if frozen:
         with torch.no_grad(), adapters_off(model):
-            return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
-    return fmodel(ids, hidden=True, logits=False, stop=stop)[1]
+            return fmodel(ids, hidden=True, logits=False, stop=stop, embeds=embeds)[1]
+    return fmodel(ids, hidden=True, logits=False, stop=stop, embeds=embeds)[1]
 
 
 def retain_states(model, fmodel, ids, frozen, top, dynamic=False):
@@ -59,16 +62,62 @@ def coefficients(step, cfg):
     return losses.coefficients(step + 1, cfg["max_steps"], cfg["lorra_alpha"], cfg["alpha_decay_multiplier"])
 
 
-def redirect_losses(model, fmodel, b, twins=None, has_twin=None, dynamic=False):
+def completion_ce(model, h, b):
+    """Summed cross-entropy of b's completion tokens (target_mask) from the last hidden states h (B, T, D), after
+    the final norm: only the target positions go through the lm_head."""
+    emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
+    logits = model.lm_head(h[:, :-1][emit])  # (n_targets, vocab)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
+    return F.cross_entropy(logits, b["ids"][:, 1:][emit], reduction="sum")
+
+
+def adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast=nullcontext(), dynamic=False):
+    """The input embeddings of the redirect batch b with an embedding-space adversary in the slots of the rows that
+    carry one (data.adversarial_sample: 'adv', 'attack'), or None where no row does. The adversary (PGD, as
+    attack.py's embedding attack but inside training): n_adv vectors per slot, started at random real token
+    embeddings (anchors (V, D), a fresh draw each step), moved by adv_steps signed-gradient steps that make the
+    attacker's call likelier, each kept within adv_eps x the anchors' mean norm (L2) of its start. The model
+    then learns the user's call with these vectors in place: no input in the ball moves the tool choice.
+    -> (the embeddings, the attacker call's summed cross-entropy at the adversary's start and at its last step:
+    how far it got)."""
+    idx = [i for i, e in enumerate(rows) if "adv" in e]
+    if not idx:
+        return None, 0.0, 0.0
+    W, n = model.embed_tokens.weight, cfg["adv_tokens"]
+    dev = W.device
+    att = {k: v.to(dev) for k, v in collate([rows[i]["attack"] for i in idx], pad_id).items()}
+    r = torch.arange(len(idx), device=dev)[:, None].expand(-1, n)  # (A, n) the slot of each adversarial row
+    pos = torch.tensor([rows[i]["adv"] for i in idx], device=dev)[:, None] + torch.arange(n, device=dev)
+    anchors = anchors.to(torch.promote_types(anchors.dtype, torch.float32))  # the vectors move in float32 at least
+    start = anchors[torch.randint(len(anchors), (len(idx), n), device=dev)]  # (A, n, D)
+    eps = cfg["adv_eps"] * anchors.norm(dim=-1).mean()
+    step_size = cfg["adv_lr"] * eps / start.shape[-1] ** 0.5  # a signed step of L2 length adv_lr x eps
+    plain = W.detach()[att["ids"]]  # (A, T', D)
+    delta, ce = torch.zeros_like(start), []
+    for _ in range(cfg["adv_steps"]):
+        x = delta.requires_grad_(True)
+        with autocast:
+            h = hidden_states(model, fmodel, att["ids"], False, dynamic=dynamic,
+                              embeds=plain.index_put((r, pos), (start + x).to(plain.dtype)))[-1]
+            loss = completion_ce(model, h, att)  # the attacker's call: the adversary lowers it
+        (g,) = torch.autograd.grad(loss, x)
+        ce.append(loss.detach())
+        delta = delta.detach() - step_size * g.sign()
+        delta = delta * (eps / delta.norm(dim=-1, keepdim=True).clamp(min=eps))  # back into the ball
+    embeds = W.detach()[b["ids"]]
+    rows_of = torch.tensor(idx, device=dev)[:, None].expand(-1, n)
+    return embeds.index_put((rows_of, pos), (start + delta).to(embeds.dtype)), ce[0], ce[-1]
+
+
+def redirect_losses(model, fmodel, b, twins=None, has_twin=None, dynamic=False, embeds=None):
     """(summed cross-entropy of the completion tokens given everything before them, adapters on; summed pull
     distance or None). Only the target positions go through the lm_head. twins: the clean twins' batch of the
     rows has_twin (a list of row indices), whose completions are the same call: the pull is the L2 distance, per
-    layer and emitting position, between these rows' states and the twins' frozen ones, as retain measures it."""
-    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic)  # (L+1, B, T, D)
-    emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
-    logits = model.lm_head(h[-1, :, :-1][emit])  # (n_targets, vocab), after the final norm
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-    ce = F.cross_entropy(logits, b["ids"][:, 1:][emit], reduction="sum")
+    layer and emitting position, between these rows' states and the twins' frozen ones, as retain measures it.
+    embeds: b's input embeddings, where an adversary has put its vectors (adversarial_embeds)."""
+    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic, embeds=embeds)  # (L+1, B, T, D)
+    ce = completion_ce(model, h[-1], b)
+    emit = b["target_mask"][:, 1:]
     if twins is None:
         return ce, None
     frozen = hidden_states(model, fmodel, twins["ids"], frozen=True, dynamic=dynamic)
@@ -79,13 +128,15 @@ def redirect_losses(model, fmodel, b, twins=None, has_twin=None, dynamic=False):
 
 
 def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, device="cpu", autocast=nullcontext(),
-               rank=0, world=1, logging=False, dynamic=False):
+               rank=0, world=1, logging=False, dynamic=False, anchors=None):
     """
     One optimizer step over `batches` = dict(harmful=[...], retain=[...], redirect=[...]): the whole step's
     encoded samples over all processes (data.step_batch order; each list's length divisible by processes x
     grad_accum, the redirect list's may differ from the others'; an absent or empty list is a term that is off).
     cfg holds the recipe's settings (train_cb.py's config): layers, lorra_alpha, alpha_decay_multiplier,
-    max_steps, grad_accum, retain_call_weight, retain_len, redirect_weight, pull_weight, grad_clip. Returns the
+    max_steps, grad_accum, retain_call_weight, retain_len, redirect_weight, pull_weight, grad_clip, and for the
+    adversary on the redirect rows' slots adv_tokens, adv_steps, adv_eps, adv_lr with anchors (V, D), the real
+    token embeddings its vectors start from (adversarial_embeds). Returns the
     step's record: coefficients, the losses (summed over processes), the gradient norm, and on logging steps the
     diagnostics merged over the whole batch.
     """
@@ -107,7 +158,10 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
     retain_norm = len(retain) * cfg["retain_len"]
     redirect_count = sum(sum(e["target_mask"]) for e in redirect)
     pull_count = sum(sum(e["target_mask"]) for e in redirect if e.get("twin")) or 1
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # this process's loss_rr, _retain, _redirect, _pull
+    adversary = any("adv" in e for e in redirect) and bool(cfg.get("adv_tokens", 0)) and anchors is not None
+    adv_count = sum(sum(e["attack"]["target_mask"]) for e in redirect if "adv" in e) or 1
+    # this process's loss_rr, _retain, _redirect, _pull; the adversary's attacker-call loss at its start and end
+    sums = torch.zeros(6, device=device, dtype=torch.float64)
     parts = {"rr": [], "retain": [], "call": []}
     for k in range(accum):
         def piece_of(rows):  # this process's k-th of world x accum equal pieces of a term's batch (its own size)
@@ -149,8 +203,14 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
             twins = None
             if on["pull"] and has_twin:
                 twins = {n: t.to(device) for n, t in collate([rows[i]["twin"] for i in has_twin], pad_id).items()}
+            embeds = None
+            if adversary:
+                embeds, adv0, adv1 = adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast,
+                                                        dynamic)
+                sums[4] += adv0 / adv_count
+                sums[5] += adv1 / adv_count
             with autocast:
-                ce, pull = redirect_losses(model, fmodel, b, twins, has_twin, dynamic)
+                ce, pull = redirect_losses(model, fmodel, b, twins, has_twin, dynamic, embeds)
                 l_red, l_pull = ce / redirect_count, (pull / pull_count if pull is not None else ce * 0)
             (c_redirect * l_red + c_pull * l_pull).backward()
             sums[2] += l_red.detach()
@@ -166,8 +226,8 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
                 p.grad.copy_(g.view_as(p))
         dist.all_reduce(sums)
     if not bool(torch.isfinite(sums).all()):  # the summed losses are the same on every process: all stop
-        names = [n for n, v in zip(("loss_rr", "loss_retain", "loss_redirect", "loss_pull"), sums.tolist())
-                 if not math.isfinite(v)]
+        names = ("loss_rr", "loss_retain", "loss_redirect", "loss_pull", "adv_start", "adv_end")
+        names = [n for n, v in zip(names, sums.tolist()) if not math.isfinite(v)]
         raise StepError(f"step {step}: {', '.join(names)} is not finite; lower lr, or look for a broken sample")
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] if cfg["grad_clip"] > 0 else float("inf"))
     optimizer.step()
@@ -175,6 +235,7 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
     call = losses.merge_diagnostics(parts["call"])
     return dict(c_rr=c_rr, c_retain=c_retain, c_redirect=c_redirect, c_pull=c_pull, loss_rr=sums[0].item(),
                 loss_retain=sums[1].item(), loss_redirect=sums[2].item(), loss_pull=sums[3].item(), gnorm=gnorm.item(),
+                **({"adv_start": sums[4].item(), "adv_end": sums[5].item()} if adversary else {}),
                 terms=[t for t in ("rr", "retain", "redirect", "pull") if on[t]],
                 **losses.merge_diagnostics(parts["rr"]), **losses.merge_diagnostics(parts["retain"]),
                 **({"call_l2": call["l2"], "call_cos": call["cos"]} if call else {}))

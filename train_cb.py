@@ -15,6 +15,7 @@ frozen states come from the same weights with the adapters switched off; step.py
 import json
 import math
 import os
+import random
 import resource
 import signal
 import sys
@@ -63,6 +64,13 @@ trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced 
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
 trip_depth = "parameters"  # where the attacker's call is cut: 'parameters' (eval's forced-call cut) | 'any' (a seeded
                            # cut from there into its arguments, one per row)
+adv_tokens = 0  # embedding-space adversarial training: a slot of this many vectors after the injection of a share of
+                # the redirect rows (where attack.py puts its tokens), moved by PGD towards the attacker's call
+                # before each step's cross-entropy on the user's call; 0 = off
+adv_share = 0.5  # the share of the injected redirect rows that carry the slot (a seeded draw); the rest train as they are
+adv_steps = 4  # signed-gradient steps of the adversary per micro-batch
+adv_eps = 1.0  # its L2 budget per vector, in units of a real token embedding's mean norm (attack.py's embed_eps)
+adv_lr = 0.5  # the L2 length of one of its steps, as a share of the budget
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
 # LoRA
@@ -139,6 +147,12 @@ redirect_batch_size = redirect_batch_size or batch_size
 for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "retain_len", "max_len", "n_val"):
     if type(globals()[name]) is not int or globals()[name] <= (0 if name != "n_val" else -1):
         fail(f"{name} must be a positive integer, got {globals()[name]!r}")
+if type(adv_tokens) is not int or adv_tokens < 0 or type(adv_steps) is not int or adv_steps < 1:
+    fail(f"adv_tokens must be an integer >= 0 and adv_steps one >= 1, got {adv_tokens!r} and {adv_steps!r}")
+if not (0 < adv_share <= 1 and adv_eps > 0 and adv_lr > 0):
+    fail(f"need 0 < adv_share <= 1, adv_eps > 0 and adv_lr > 0; got {adv_share}, {adv_eps}, {adv_lr}")
+if adv_tokens and redirect_weight == 0:
+    fail("adv_tokens puts an adversary in the redirect rows: it needs redirect_weight > 0")
 if not 0 < trip_share <= 1:
     fail(f"trip_share must be in (0, 1] (trip=False turns the trip rows off), got {trip_share}")
 if type(eval_interval) is not int or eval_interval < 0:
@@ -224,8 +238,12 @@ try:
     redirect = []
     if needs_head:  # the pull needs each redirect row's clean twin, encoded beside it
         twins = data.twins_of(samples) if pull_weight > 0 else {}
+        slotted = random.Random(seed + 7).random  # which injected redirect rows carry an adversary's slot
         for s in injected_ok:
-            e = data.encode_sample(tok, s, cb_mask)
+            if adv_tokens and slotted() < adv_share:
+                e = data.adversarial_sample(tok, s, adv_tokens)
+            else:
+                e = data.encode_sample(tok, s, cb_mask)
             if s["id"] in twins:
                 e["twin"] = data.encode_sample(tok, twins[s["id"]], cb_mask)
             redirect.append(e)
@@ -259,12 +277,19 @@ try:
         val = [data.encode_sample(tok, s, cb_mask) for s in data.load_jsonl(val_path) if s["kind"] == "harmful"][:n_val]
 except data.DataError as e:
     fail(str(e))
+n_adv_rows = sum("adv" in e for e in redirect)
+anchors = None  # the real token embeddings the adversary starts from: the plain-text tokens of the train data
+if n_adv_rows:
+    plain = sorted({i for e in harmful + retain + redirect for i in e["ids"] if i < min(tok.special.values())})
+    anchors = model.embed_tokens.weight.detach()[torch.tensor(plain, device=device)]
 too_long = max(len(e["ids"]) for e in harmful + retain + redirect)
 if too_long > max_len:
     fail(f"{train_path}: a sample has {too_long} tokens > max_len {max_len} (raise --max_len)")
 log(report)
 log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
     + (f" ({n_trip} trip rows)" if trip else "")
+    + (f" ({n_adv_rows} with an adversary's slot of {adv_tokens} vectors, {adv_steps} steps, L2 {adv_eps} x the "
+       f"mean norm of {len(anchors)} token embeddings)" if n_adv_rows else "")
     + (f" ({len(injected_ok)} injected-but-resisted samples kept out of retain: retain_injected=False)"
        if injected_ok and not retain_injected else "")
     + f"; {len(val)} held-out harmful for validation")
@@ -350,7 +375,7 @@ while step < max_steps:
     logging = step % log_interval == 0
     try:
         record = train_step(model, fmodel, optimizer, params, batches, step, config, tok.pad_id, device, autocast,
-                            rank, world, logging)
+                            rank, world, logging, anchors=anchors)
     except StepError as e:
         fail(str(e))
     terms = record.pop("terms")
@@ -358,8 +383,11 @@ while step < max_steps:
                                           ("retain", batches["retain"], max(layers) + 1, 3),
                                           ("redirect", batches["redirect"], len(model.layers), 2),
                                           ("pull", [e["twin"] for e in batches["redirect"] if "twin" in e],
-                                           len(model.layers), 1)):
-        if term in terms or (term == "redirect" and "pull" in terms):  # the pull runs the redirect rows' pass
+                                           len(model.layers), 1),
+                                          ("adv", [e["attack"] for e in batches["redirect"] if "adv" in e],
+                                           len(model.layers), 2 * adv_steps)):
+        # the pull runs the redirect rows' pass too, and the adversary a forward and an input gradient per step
+        if term in terms or (term in ("redirect", "adv") and {"redirect", "pull"} & set(terms)):
             tokens += sum(len(e["ids"]) for e in batch)
             flops += step_flops(batch, n_blocks, passes)
     step += 1
@@ -379,7 +407,9 @@ while step < max_steps:
         fmt = lambda key: f"{record[key]:.4f}" if key in record else "-"
         log(f"step {step:4d} | c_rr {record['c_rr']:5.2f} c_retain {record['c_retain']:5.2f} | loss_rr "
             f"{record['loss_rr']:.4f} loss_retain {record['loss_retain']:.4f} loss_redirect "
-            f"{record['loss_redirect']:.4f} loss_pull {record['loss_pull']:.4f} | cos {fmt('cos_mean')} "
+            f"{record['loss_redirect']:.4f} loss_pull {record['loss_pull']:.4f}"
+            + (f" adv {record['adv_start']:.3f}->{record['adv_end']:.3f}" if "adv_end" in record else "")
+            + f" | cos {fmt('cos_mean')} "
             f"cos>0 {fmt('cos_pos_share')} "
             f"retain_l2 {fmt('l2')} retain_cos {fmt('cos')} call_cos {fmt('call_cos')} "
             f"norm lora/frozen {fmt('lora_norm')}/{fmt('frozen_norm')} | gnorm {record['gnorm']:.3g} "

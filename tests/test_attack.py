@@ -43,7 +43,7 @@ def small_budget(monkeypatch):
 
 
 def parts(tok, case):
-    lay = attack.layout(tok, case, attack.injection_site(case))
+    lay = data.layout(tok, case, data.injection_site(case))
     target = [i for ids, _ in data.call_segments(tok, {"name": case["attacker_tool"],
                                                         "parameters": case["attacker_parameters"]}) for i in ids]
     return lay, attack.initial_adv(tok, lay, N_ADV), target
@@ -312,7 +312,7 @@ def test_rows_are_the_cases_with_the_cb_string_typed_in_and_the_users_call(check
     assert p.returncode == 0, p.stderr
     got = data.load_jsonl(str(rows))
     assert [r["id"] for r in got] == [f"{c['id']}-gcg{k}" for c in recs for k in range(2)]
-    lay = attack.layout(tok, case, attack.injection_site(case))
+    lay = data.layout(tok, case, data.injection_site(case))
     for row, rec in zip(got, [r for r in recs for _ in range(2)]):
         assert row["kind"] == "retain" and row["attacker_tool"] == case["attacker_tool"]
         assert row["completion"] == {"tool_call": case["expected_call"]}
@@ -342,7 +342,7 @@ def test_kinds_draws_only_those_rows_and_base_false_attacks_the_cb_model_alone(c
     assert r["summary"]["gcg"]["base"] is None and r["summary"]["gcg"]["cb"]["overall"]["n"] == 1
     assert r["summary"]["transfer"] is None and [b["model"] for b in r["best_strings"]] in ([], ["cb"])
     got = data.load_jsonl(str(rows))  # the rows carry the CB model's string
-    k = attack.layout(data.load_tokenizer(), case, attack.injection_site(case))["k"]
+    k = data.layout(data.load_tokenizer(), case, data.injection_site(case))["k"]
     assert r["cases"][0]["cb"]["string"] in got[0]["messages"][k]["content"]
     ckpt = str(checkpoint / "ckpt.pt")
     for bad, words in (([ckpt, "--kinds=redirect"], "redirect is not a row kind"),

@@ -1,0 +1,106 @@
+"""Embedding-space adversarial training (train_cb.py --adv_tokens): the slot sits where attack.py puts its tokens,
+the adversary stays inside its budget, makes the attacker's call likelier and touches nothing but the slots, and
+train_cb.py runs it and logs how far it got."""
+
+import pytest
+import torch
+
+import data
+import step
+from lora import inject_lora
+from model import Llama, LlamaConfig
+from tiny import run_train, tiny_base, tiny_data
+
+N = 5  # slot positions
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return data.load_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def redirect_rows():
+    rows = data.generate_splits(seed=0, n_train=60, n_val=0, n_test=0)["train"]
+    rows = [r for r in rows if r["kind"] == "retain" and r["attacker_tool"]]
+    flip = next(r for r in rows if r["attacker_tool"] != r["expected_tool"])
+    hijack = next(r for r in rows if r["attacker_tool"] == r["expected_tool"])
+    return flip, hijack
+
+
+def call_ids(tok, call):
+    return [i for ids, _ in data.call_segments(tok, call) for i in ids]
+
+
+def test_the_slot_sits_where_attack_puts_its_tokens_and_both_completions_follow_it(tok, redirect_rows):
+    for row in redirect_rows:
+        e = data.adversarial_sample(tok, row, N)
+        lay = data.layout(tok, row, data.injection_site(row))
+        slot = tok.encode(" !")[:1] * N
+        assert e["adv"] == len(lay["head"]) and e["ids"][e["adv"]:e["adv"] + N] == slot
+        user = call_ids(tok, row["expected_call"])
+        attacker = call_ids(tok, {"name": row["attacker_tool"], "parameters": row["attacker_parameters"]})
+        assert user != attacker
+        for got, call in ((e, user), (e["attack"], attacker)):
+            assert got["ids"] == lay["head"] + slot + lay["tail"] + call
+            assert [i for i, m in zip(got["ids"], got["target_mask"]) if m] == call
+    bad = {**redirect_rows[0], "attacker_parameters": None, "id": "row-7"}
+    with pytest.raises(data.DataError, match="row-7.*attacker_parameters"):
+        data.adversarial_sample(tok, bad, N)
+
+
+def tiny_lora_model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64, max_seq_len=4096)
+    model = Llama(cfg).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3) if p.dim() == 2 else p.uniform_(0.5, 1.5)
+    inject_lora(model, 4, 8, 0.0, b_init_std=0.1, generator=torch.Generator().manual_seed(1))
+    return model
+
+
+def test_the_adversary_stays_in_its_budget_makes_the_attackers_call_likelier_and_touches_only_the_slots(
+        tok, redirect_rows):
+    model = tiny_lora_model()
+    flip, hijack = redirect_rows
+    rows = [data.adversarial_sample(tok, flip, N), data.encode_sample(tok, hijack), data.adversarial_sample(tok, hijack, N)]
+    b = data.collate(rows, tok.pad_id)
+    W = model.embed_tokens.weight.detach()
+    anchors = W[sorted({i for e in rows for i in e["ids"] if i < min(tok.special.values())})]
+    eps_share = 0.5
+    cfg = dict(adv_tokens=N, adv_steps=8, adv_eps=eps_share, adv_lr=0.25)
+    torch.manual_seed(0)
+    embeds, ce0, ce1 = step.adversarial_embeds(model, model, rows, b, cfg, anchors, tok.pad_id)
+    assert ce1 < ce0 - 5  # (788 -> 748 here) the attacker's call, summed over its tokens: the adversary made it likelier
+    plain = W[b["ids"]]
+    slots = torch.zeros_like(b["ids"], dtype=torch.bool)
+    for i in (0, 2):
+        slots[i, rows[i]["adv"]:rows[i]["adv"] + N] = True
+    assert torch.equal(embeds[~slots], plain[~slots])  # the row without a slot and every other position unchanged
+    eps = eps_share * anchors.norm(dim=-1).mean()
+    vectors = embeds[slots]  # (2N, D): each within eps of the anchor it started from, so of its nearest anchor
+    nearest = (vectors[:, None] - anchors).norm(dim=-1).min(-1).values
+    assert (nearest <= eps * (1 + 1e-12)).all() and (nearest > 0.5 * eps).any()  # and they did move
+    assert all(p.grad is None for p in model.parameters())  # the adversary's gradients go to its vectors alone
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return tiny_base(tmp_path_factory.mktemp("base")), tiny_data(tmp_path_factory.mktemp("data"))
+
+
+def test_train_cb_trains_against_the_adversary_and_logs_how_far_it_got(tiny, tmp_path):
+    base, data_dir = tiny
+    p = run_train(base, data_dir, tmp_path, "--lorra_alpha=0", "--redirect_weight=1", "--trip=False",
+                  "--adv_tokens=4", "--adv_share=1", "--adv_steps=3", "--max_steps=2")
+    assert "with an adversary's slot of 4 vectors, 3 steps" in p.stdout
+    import json
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"c_rr"' in line]
+    assert len(log) == 2 and all(r["adv_end"] < r["adv_start"] for r in log)
+    for args, words in ((("--adv_tokens=-1",), "adv_tokens must be an integer >= 0"),
+                        (("--adv_tokens=4", "--adv_share=0"), "0 < adv_share <= 1"),
+                        (("--adv_tokens=4", "--redirect_weight=0"), "it needs redirect_weight > 0")):
+        p = run_train(base, data_dir, tmp_path / "bad", *args, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and words in lines[0], p.stderr
