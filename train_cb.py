@@ -68,6 +68,7 @@ adv_tokens = 0  # embedding-space adversarial training: a slot of this many vect
                 # the redirect rows (where attack.py puts its tokens), moved by PGD towards the attacker's call
                 # before each step's cross-entropy on the user's call; 0 = off
 adv_share = 0.5  # the share of the injected redirect rows that carry the slot (a seeded draw); the rest train as they are
+adv_keep = False  # True: a slotted row joins its row without the slot instead of replacing it (more rows)
 adv_steps = 4  # signed-gradient steps of the adversary per micro-batch
 adv_eps = 1.0  # its L2 budget per vector, in units of a real token embedding's mean norm (attack.py's embed_eps)
 adv_lr = 0.5  # the L2 length of one of its steps, as a share of the budget
@@ -241,9 +242,10 @@ try:
         slotted = random.Random(seed + 7).random  # which injected redirect rows carry an adversary's slot
         for s in injected_ok:
             if adv_tokens and slotted() < adv_share:
-                e = data.adversarial_sample(tok, s, adv_tokens)
-            else:
-                e = data.encode_sample(tok, s, cb_mask)
+                redirect.append(data.adversarial_sample(tok, s, adv_tokens))
+                if not adv_keep:
+                    continue
+            e = data.encode_sample(tok, s, cb_mask)
             if s["id"] in twins:
                 e["twin"] = data.encode_sample(tok, twins[s["id"]], cb_mask)
             redirect.append(e)

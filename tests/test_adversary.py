@@ -2,6 +2,9 @@
 the adversary stays inside its budget, makes the attacker's call likelier and touches nothing but the slots, and
 train_cb.py runs it and logs how far it got."""
 
+import json
+import re
+
 import pytest
 import torch
 
@@ -95,9 +98,15 @@ def test_train_cb_trains_against_the_adversary_and_logs_how_far_it_got(tiny, tmp
     p = run_train(base, data_dir, tmp_path, "--lorra_alpha=0", "--redirect_weight=1", "--trip=False",
                   "--adv_tokens=4", "--adv_share=1", "--adv_steps=3", "--max_steps=2")
     assert "with an adversary's slot of 4 vectors, 3 steps" in p.stdout
-    import json
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl") if '"c_rr"' in line]
     assert len(log) == 2 and all(r["adv_end"] < r["adv_start"] for r in log)
+    counts = lambda out: [int(w) for w in re.search(r"(\d+) redirect samples \((\d+) with an adversary's slot",
+                                                    out).groups()]
+    replaced = counts(p.stdout)
+    p = run_train(base, data_dir, tmp_path / "keep", "--lorra_alpha=0", "--redirect_weight=1", "--trip=False",
+                  "--adv_tokens=4", "--adv_share=1", "--adv_keep", "--max_steps=1")
+    kept = counts(p.stdout)  # every injected redirect row twice: with the slot and as it was
+    assert kept[1] == replaced[1] > 0 and kept[0] == replaced[0] + replaced[1]
     for args, words in ((("--adv_tokens=-1",), "adv_tokens must be an integer >= 0"),
                         (("--adv_tokens=4", "--adv_share=0"), "0 < adv_share <= 1"),
                         (("--adv_tokens=4", "--redirect_weight=0"), "it needs redirect_weight > 0")):
