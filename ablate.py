@@ -1,7 +1,7 @@
 """
 The ablations users ask for first, on the model organism, as one table: the organism's recipe (adversarial
-fine-tuning alone), each breaker term added to it, train_cb.py's defaults, rerouting alone and the original
-recipe. Each row trains (train_cb.py config/organism.py plus the row's overrides) and
+fine-tuning alone), each breaker term added to it, train_cb.py's defaults, rerouting alone, the original
+recipe, and the embedding-space adversary added to the fine-tuning. Each row trains (train_cb.py config/organism.py plus the row's overrides) and
 evaluates (eval.py with the forced-call pass), in subprocesses.
 
     python ablate.py                       # after organism.py; about 12 minutes a row on 2 CPU cores
@@ -32,6 +32,8 @@ ROWS = [  # (name, train_cb.py overrides on config/organism.py)
      [*RR, "--redirect_weight=3.0", "--trip=True", "--trip_share=1.0"]),
     ("rerouting + retain alone (departure mask)", [*RR, *NO_REDIRECT]),
     ("the original recipe (full mask, retain x1 and resisted rows, B=0, 1024)", ORIGINAL),
+    ("+ embedding-space adversary in half the injected redirect rows (20 vectors, 4 steps, L2 1.0)",
+     ["--adv_tokens=20"]),
 ]
 
 # -----------------------------------------------------------------------------
