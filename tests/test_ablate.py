@@ -75,7 +75,7 @@ def test_no_rows_runs_nothing_and_tabulates_what_is_there(tmp_path):
 
 
 def test_bad_arguments_stop_with_one_line_before_any_run(tmp_path):
-    cases = [("--rows=9", "ablate.py: --rows=9: row numbers 0..6, comma-separated"),
+    cases = [("--rows=9", "ablate.py: --rows=9: row numbers 0..7, comma-separated"),
              ("--out_dir=x", "ablate.py: --out_dir=x: ablate.py sets it for each row; pass --out_root=DIR"),
              ("--lorra_alfa=3", "ablate.py: --lorra_alfa=3: unknown config key 'lorra_alfa'"),
              ("ckpt.pt", "ablate.py: ckpt.pt: not a config file (*.py) or --key=value, and ablate.py takes no "
