@@ -282,8 +282,10 @@ except data.DataError as e:
 n_adv_rows = sum("adv" in e for e in redirect)
 anchors = None  # the real token embeddings the adversary starts from: the plain-text tokens of the train data
 if n_adv_rows:
-    plain = sorted({i for e in harmful + retain + redirect for i in e["ids"] if i < min(tok.special.values())})
+    first_special = min(tok.special.values())
+    plain = sorted({i for e in harmful + retain + redirect for i in e["ids"] if i < first_special})
     anchors = model.embed_tokens.weight.detach()[torch.tensor(plain, device=device)]
+    anchors = anchors.to(torch.promote_types(anchors.dtype, torch.float32))  # once, not in every step
 too_long = max(len(e["ids"]) for e in harmful + retain + redirect)
 if too_long > max_len:
     fail(f"{train_path}: a sample has {too_long} tokens > max_len {max_len} (raise --max_len)")

@@ -70,7 +70,8 @@ def test_the_adversary_stays_in_its_budget_makes_the_attackers_call_likelier_and
     rows = [data.adversarial_sample(tok, flip, N), data.encode_sample(tok, hijack), data.adversarial_sample(tok, hijack, N)]
     b = data.collate(rows, tok.pad_id)
     W = model.embed_tokens.weight.detach()
-    anchors = W[sorted({i for e in rows for i in e["ids"] if i < min(tok.special.values())})]
+    first_special = min(tok.special.values())
+    anchors = W[sorted({i for e in rows for i in e["ids"] if i < first_special})]
     eps_share = 0.5
     cfg = dict(adv_tokens=N, adv_steps=8, adv_eps=eps_share, adv_lr=0.25)
     torch.manual_seed(0)
