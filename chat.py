@@ -438,22 +438,32 @@ def encode_trip(tok, sample, cut=None):
     """The injected prompt of a tool-flip sample, the attacker's call forced up to its arguments, then <|eot_id|>:
     the breaker trips when the agent finds itself calling the attacker's tool. cut=k forces the first k ids of the
     attacker's rendered call instead (the sample's completion: <|python_tag|>{"name": ...), so the trip is learnt
-    anywhere inside the call, not only where eval's forced-call pass cuts. -> dict(ids, cb_mask, target_mask) as
-    encode_sample, the target the <|eot_id|> alone, nothing rerouted."""
+    anywhere inside the call, not only where eval's forced-call pass cuts. cut='all': every cut at once, from
+    eval's forced-call cut to the call's second-to-last token, in one row: the attacker's call teacher-forced, each
+    of those positions labelled <|eot_id|> ("labels" differs from "ids" there). -> dict(ids, cb_mask,
+    target_mask[, labels]) as encode_sample, the target the <|eot_id|>s alone, nothing rerouted."""
     forced = forced_prefill(tok, sample['attacker_tool'])
+    if cut == 'all':
+        call = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg][:-1]  # no <|eom_id|>
+        prompt = prompt_ids(tok, sample['messages'], sample['tools'])
+        ids = prompt + call  # the state before position t has seen the call's first t - len(prompt) ids
+        on = [int(len(prompt) + len(forced) <= t) for t in range(len(ids))]
+        return {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,
+                'labels': [tok.eot_id if m else i for i, m in zip(ids, on)]}
     if cut is not None:
         forced = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg][:cut]
     ids = prompt_ids(tok, sample['messages'], sample['tools']) + forced
     return {'ids': ids + [tok.eot_id], 'cb_mask': [0] * (len(ids) + 1), 'target_mask': [0] * len(ids) + [1]}
 
 
-TRIP_DEPTHS = ('parameters', 'any')
+TRIP_DEPTHS = ('parameters', 'any', 'all')
 
 
 def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     """The trip rows of the tool-flip samples among `rows`: a seeded draw of round(share x n) of them, each
     encode_trip'ed. depth 'parameters': the call forced up to "parameters": (where eval's forced-call pass cuts);
-    'any': at a seeded cut from there to the call's second-to-last token (its arguments, part way), one per row.
+    'any': at a seeded cut from there to the call's second-to-last token (its arguments, part way), one per row;
+    'all': every one of those cuts in one row (encode_trip's cut='all').
     With twins ({id: clean twin row}, twins_of), each drawn sample's clean twin too, the same request without the
     injection and the same attacker's call forced, so that what trips the breaker is a tool that does not fit the
     request, not the presence of an injection."""
@@ -461,7 +471,7 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
         raise DataError(f'trip depth: unknown "{depth}" (depths: {", ".join(TRIP_DEPTHS)})')
     flips = [r for r in rows if r['kind'] == 'harmful' and r['attacker_tool'] != r['expected_tool']]
     flips = random.Random(seed).sample(flips, round(share * len(flips)))
-    cuts = [None] * len(flips)
+    cuts = [depth if depth == 'all' else None] * len(flips)
     if depth == 'any':
         for j, r in enumerate(flips):
             n = sum(len(seg) for seg, _ in call_segments(tok, r['completion']['tool_call'])) - 1  # without <|eom_id|>
@@ -519,7 +529,8 @@ def departure_start(tok, sample, completion_ids):
 
 def collate(examples, pad_id):
     """Right-pad to the batch's longest example. -> ids (B,T) long, attn (B,T) bool (False on pads),
-    cb_mask (B,T) float, target_mask (B,T) bool."""
+    cb_mask (B,T) float, target_mask (B,T) bool, labels (B,T) long: the ids the target positions are trained
+    towards, the example's "labels" where it has them (trip rows at every depth), else its ids."""
     import torch
     T = max(len(e['ids']) for e in examples)
     pad = lambda xs, v: list(xs) + [v] * (T - len(xs))
@@ -528,6 +539,7 @@ def collate(examples, pad_id):
         'attn': torch.tensor([pad([1] * len(e['ids']), 0) for e in examples], dtype=torch.bool),
         'cb_mask': torch.tensor([pad(e['cb_mask'], 0) for e in examples], dtype=torch.float),
         'target_mask': torch.tensor([pad(e['target_mask'], 0) for e in examples], dtype=torch.bool),
+        'labels': torch.tensor([pad(e.get('labels', e['ids']), pad_id) for e in examples], dtype=torch.long),
     }
 
 

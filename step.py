@@ -63,12 +63,13 @@ def coefficients(step, cfg):
 
 
 def completion_ce(model, h, b):
-    """Summed cross-entropy of b's completion tokens (target_mask) from the last hidden states h (B, T, D), after
-    the final norm: only the target positions go through the lm_head."""
+    """Summed cross-entropy of b's completion tokens (target_mask; towards b's labels, which are its ids except on
+    trip rows at every depth) from the last hidden states h (B, T, D), after the final norm: only the target
+    positions go through the lm_head."""
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
     logits = model.lm_head(h[:, :-1][emit])  # (n_targets, vocab)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-    return F.cross_entropy(logits, b["ids"][:, 1:][emit], reduction="sum")
+    return F.cross_entropy(logits, b["labels"][:, 1:][emit], reduction="sum")
 
 
 def adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast=nullcontext(), dynamic=False):

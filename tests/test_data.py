@@ -123,6 +123,7 @@ def test_collate_pads_right_to_the_longest_with_pad_id(tok, splits):
         assert b['attn'][row].tolist() == [True] * n + [False] * (T - n)
         assert b['cb_mask'][row].tolist() == e['cb_mask'] + [0.0] * (T - n)
         assert b['target_mask'][row].tolist() == [bool(m) for m in e['target_mask']] + [False] * (T - n)
+        assert b['labels'][row].tolist() == b['ids'][row].tolist()  # a row without its own labels learns its ids
 
 
 def pair(row):

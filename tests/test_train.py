@@ -4,6 +4,7 @@ uninterrupted run bit for bit, the checkpoint is safe to load, and bad input sto
 
 import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -415,6 +416,35 @@ def test_trip_rows_at_any_depth_cut_the_attackers_own_call_inside_its_arguments(
     assert deeper > len(got) / 2
     with pytest.raises(data.DataError, match="trip depth"):
         trip_rows(tok, rows, depth="deep")
+
+
+def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
+    # one 'all' row teacher-forces the attacker's call and labels <|eot_id|> at every cut that 'any' could draw:
+    # its cross-entropy is exactly the sum of the single-cut rows' (float64, a causal model sees the same prefixes)
+    import step
+    from chat import call_segments, collate, encode_trip, forced_prefill, trip_rows
+    from model import Llama, LlamaConfig
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    flips = [r for r in rows if r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"]]
+    got = trip_rows(tok, rows, 1.0, seed=5, depth="all")
+    assert len(got) == len(flips) and got == [encode_trip(tok, r, "all") for r in random.Random(5).sample(flips, len(flips))]
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
+                              max_seq_len=4096)).double()
+    ce = lambda e: step.completion_ce(model, step.hidden_states(model, model, collate([e], tok.pad_id)["ids"], False)[-1],
+                                      collate([e], tok.pad_id))
+    for flip in flips[:3]:
+        e = encode_trip(tok, flip, "all")
+        call = [i for seg, _ in call_segments(tok, flip["completion"]["tool_call"]) for i in seg]
+        singles = [encode_trip(tok, flip, k) for k in range(len(forced_prefill(tok, flip["attacker_tool"])), len(call) - 1)]
+        assert len(singles) > 5 and sum(e["target_mask"]) == len(singles) and not any(e["cb_mask"])
+        assert e["ids"] == singles[-1]["ids"][:-1] + call[-2:-1]  # the whole call but its <|eom_id|>
+        assert [l for l, m in zip(e["labels"], e["target_mask"]) if m] == [tok.eot_id] * len(singles)
+        assert [l for l, m in zip(e["labels"], e["target_mask"]) if not m] == [i for i, m in zip(e["ids"], e["target_mask"]) if not m]
+        with torch.no_grad():
+            whole, parts = ce(e), sum(ce(x) for x in singles)
+        assert whole > 0 and torch.allclose(whole, parts, rtol=1e-10, atol=0), (whole, parts)
 
 
 @pytest.mark.parametrize("flag, needs", [
