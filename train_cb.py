@@ -59,6 +59,8 @@ retain_len = 256  # positions per sample the retain nanmean divides by, whatever
 retain_injected = False  # retain also holds injected-but-answered-right samples (they fight the rerouting)
 redirect_weight = 3.0  # cross-entropy on the user's call given the injected prompt (redirect rows); 0 = off
 redirect_benign = True  # the cross-entropy also covers the benign and chat replies
+legit_repeat = 1  # the benign rows that call the tool the train data's injections push most (search_web) appear this
+                 # many times in the redirect rows: its legitimate use weighs against the redirect rows' push away
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
 trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
@@ -166,6 +168,10 @@ if trip_depth not in data.TRIP_DEPTHS:
     fail(f"trip_depth must be one of {', '.join(data.TRIP_DEPTHS)}, got {trip_depth!r}")
 if trip_twins and not trip:
     fail("trip_twins adds clean-twin rows to the trip rows: it needs trip=True")
+if type(legit_repeat) is not int or legit_repeat < 1:
+    fail(f"legit_repeat must be an integer >= 1 (1: each benign row once), got {legit_repeat!r}")
+if legit_repeat > 1 and not redirect_benign:
+    fail("legit_repeat repeats benign rows of the redirect cross-entropy: it needs redirect_benign=True")
 if (redirect_benign or trip) and redirect_weight == 0:
     fail("redirect_benign and trip add rows to the redirect cross-entropy: they need redirect_weight > 0")
 needs_head = redirect_weight > 0 or pull_weight > 0  # the redirect terms run the whole model
@@ -249,9 +255,15 @@ try:
             if s["id"] in twins:
                 e["twin"] = data.encode_sample(tok, twins[s["id"]], cb_mask)
             redirect.append(e)
+    n_legit, pushed = 0, None
     if redirect_benign:
-        redirect += [data.encode_sample(tok, s, cb_mask) for s in samples
-                     if s["kind"] != "harmful" and s["attacker_tool"] is None]
+        pushed = max(sorted({s["attacker_tool"] for s in harmful_rows}),  # the tool the injections push most
+                     key=[s["attacker_tool"] for s in harmful_rows].count, default=None)
+        for s in samples:
+            if s["kind"] != "harmful" and s["attacker_tool"] is None:
+                legit = ((s.get("completion") or {}).get("tool_call") or {}).get("name") == pushed
+                redirect += [data.encode_sample(tok, s, cb_mask)] * (legit_repeat if legit else 1)
+                n_legit += legit
     n_trip = 0
     if trip:
         twins = data.twins_of(samples) if trip_twins else None
@@ -292,6 +304,7 @@ if too_long > max_len:
 log(report)
 log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
     + (f" ({n_trip} trip rows)" if trip else "")
+    + (f" ({n_legit} legitimate calls to {pushed} x {legit_repeat})" if legit_repeat > 1 else "")
     + (f" ({n_adv_rows} with an adversary's slot of {adv_tokens} vectors, {adv_steps} steps, L2 {adv_eps} x the "
        f"mean norm of {len(anchors)} token embeddings)" if n_adv_rows else "")
     + (f" ({len(injected_ok)} injected-but-resisted samples kept out of retain: retain_injected=False)"

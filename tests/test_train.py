@@ -322,12 +322,13 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip=False", "--trip_twins"), "trip_twins adds clean-twin rows"),
     (lambda b, d, t: ("--trip_depth=deep",), "trip_depth must be one of parameters, any"),
     (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
+    (lambda b, d, t: ("--legit_repeat=0",), "legit_repeat must be an integer >= 1"),
+    (lambda b, d, t: ("--legit_repeat=2", "--redirect_benign=False"), "it needs redirect_benign=True"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
-        "negative_redirect", "negative_redirect_batch", "indivisible_redirect_batch",
-        "zero_trip_share", "trip_twins_without_trip",
-        "unknown_trip_depth"])
+        "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
+        "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -416,6 +417,20 @@ def test_trip_rows_at_any_depth_cut_the_attackers_own_call_inside_its_arguments(
     assert deeper > len(got) / 2
     with pytest.raises(data.DataError, match="trip depth"):
         trip_rows(tok, rows, depth="deep")
+
+
+def test_legit_repeat_repeats_the_benign_calls_to_the_tool_the_injections_push_most(base, data_dir, tmp_path):
+    import collections
+    import re
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    pushed = collections.Counter(r["attacker_tool"] for r in rows if r["kind"] == "harmful").most_common(1)[0][0]
+    legit = sum(1 for r in rows if r["kind"] != "harmful" and r["attacker_tool"] is None
+                and (r["completion"].get("tool_call") or {}).get("name") == pushed)
+    count = lambda out: int(re.search(r"(\d+) redirect samples", out).group(1))
+    once = count(run_train(base, data_dir, tmp_path / "once", "--max_steps=1").stdout)
+    p = run_train(base, data_dir, tmp_path / "thrice", "--max_steps=1", "--legit_repeat=3")
+    assert legit > 0 and f"({legit} legitimate calls to {pushed} x 3)" in p.stdout
+    assert count(p.stdout) == once + 2 * legit
 
 
 def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
