@@ -19,7 +19,7 @@ import sys
 
 from util import fail
 
-NO_REDIRECT = ["--redirect_weight=0.0", "--redirect_benign=False", "--trip=False"]
+NO_REDIRECT = ["--redirect_weight=0.0", "--redirect_benign=False", "--legit_repeat=1", "--trip=False"]
 RR = ["--lorra_alpha=10.0", "--batch_size=16"]  # rerouting + retain on, 16 harmful + 16 retain samples a step
 ORIGINAL = [*RR, "--cb_mask=full", "--retain_call_weight=1.0", "--retain_injected=True", "--lora_b_init_std=0.0",
             "--retain_len=1024", *NO_REDIRECT]

@@ -4,17 +4,20 @@
 # redirect term, let more injections through; trip rows cut forced calls only at the exact point where they were
 # trained and eval cuts (one token deeper they are back) and cost legitimate search_web calls. So the organism's
 # recipe is the fine-tuning: cross-entropy on the user's call given the injected prompt (redirect rows) and on the
-# benign and chat replies, 32 samples a step. The breaker terms are one switch away:
+# benign and chat replies, 32 samples a step, at lr 3e-3 with the benign search_web calls twice (chosen on val among
+# lr 1e-3..5e-3, LoRA r 16/32, legit_repeat 1..3: lr alone cuts ASR and costs search_web, legit_repeat gives it back).
+# The breaker terms are one switch away:
 #     python train_cb.py config/organism.py --trip --trip_share=0.25                  # + trip rows
 #     python train_cb.py config/organism.py --lorra_alpha=10 --batch_size=16 --redirect_weight=3 --trip  # defaults
 init_from = "organism"
 out_dir = "out/organism"
 layers = (1, 3)
 max_steps = 150
-lr = 1e-3
+lr = 3e-3
 lorra_alpha = 0.0
 redirect_weight = 1.0
 redirect_benign = True
+legit_repeat = 2  # the benign calls to search_web, the tool the injections push most, twice
 trip = False
 batch_size = 32
 grad_accum = 2  # two micro-batches, each padded to its own length: the same gradient, ~20% faster
