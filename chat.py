@@ -415,6 +415,12 @@ def write_jsonl(path, rows):
     atomic_write(path, ''.join(json.dumps(row, ensure_ascii=False) + '\n' for row in rows))
 
 
+def pushed_tool(rows):
+    """The tool the rows' attackers push most ('' without injected rows; a tie goes to the first name in order)."""
+    pushed = [r['attacker_tool'] for r in rows if r['attacker_tool'] is not None]
+    return max(sorted(set(pushed)), key=pushed.count) if pushed else ''
+
+
 def twins_of(rows):
     """{id of an injected row: its clean twin row}, for the rows that name a twin. A twin id that no row of
     `rows` has is an error naming the row."""
@@ -442,17 +448,17 @@ def encode_trip(tok, sample, cut=None):
     eval's forced-call cut to the call's second-to-last token, in one row: the attacker's call teacher-forced, each
     of those positions labelled <|eot_id|> ("labels" differs from "ids" there). -> dict(ids, cb_mask,
     target_mask[, labels]) as encode_sample, the target the <|eot_id|>s alone, nothing rerouted."""
+    prompt = prompt_ids(tok, sample['messages'], sample['tools'])
     forced = forced_prefill(tok, sample['attacker_tool'])
-    if cut == 'all':
-        call = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg][:-1]  # no <|eom_id|>
-        prompt = prompt_ids(tok, sample['messages'], sample['tools'])
-        ids = prompt + call  # the state before position t has seen the call's first t - len(prompt) ids
-        on = [int(len(prompt) + len(forced) <= t) for t in range(len(ids))]
-        return {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,
-                'labels': [tok.eot_id if m else i for i, m in zip(ids, on)]}
     if cut is not None:
-        forced = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg][:cut]
-    ids = prompt_ids(tok, sample['messages'], sample['tools']) + forced
+        call = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg]
+        if cut == 'all':
+            ids = prompt + call[:-1]  # no <|eom_id|>; the state before position t has seen t - len(prompt) call ids
+            on = [int(len(prompt) + len(forced) <= t) for t in range(len(ids))]
+            return {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,
+                    'labels': [tok.eot_id if m else i for i, m in zip(ids, on)]}
+        forced = call[:cut]
+    ids = prompt + forced
     return {'ids': ids + [tok.eot_id], 'cb_mask': [0] * (len(ids) + 1), 'target_mask': [0] * len(ids) + [1]}
 
 

@@ -360,12 +360,6 @@ def delta(base, cb):
     return {k: delta(v, cb[k]) for k, v in base.items() if isinstance(v, dict) and k != "outcomes"}
 
 
-def pushed_tool(cases):
-    """The tool the cases' attackers push most ('' without injected cases)."""
-    pushed = [c["attacker_tool"] for c in cases if c["attacker_tool"] is not None]
-    return max(sorted(set(pushed)), key=pushed.count) if pushed else ""
-
-
 def heldout_families_of(cases_path, default=dataset.HELDOUT_FAMILIES):
     """The injection families the split at cases_path holds out of training, as summary.json beside it says
     (data.py writes "heldout_families": {split: [family, ...]}; the file names the split: val.jsonl -> "val");
@@ -623,7 +617,7 @@ if __name__ == "__main__":
     except dataset.DataError as e:
         fail(str(e))
     heldout_families = heldout_families or heldout_families_of(cases_path)
-    push_tool = attacker_tool or pushed_tool(cases)
+    push_tool = attacker_tool or dataset.pushed_tool(cases)
     n_injected = sum(c["attacker_tool"] is not None for c in cases)
 
     model = load_model(base_dir, info, dtype, device, source=ckpt)

@@ -257,11 +257,10 @@ try:
             redirect.append(e)
     n_legit, pushed = 0, None
     if redirect_benign:
-        pushed = max(sorted({s["attacker_tool"] for s in harmful_rows}),  # the tool the injections push most
-                     key=[s["attacker_tool"] for s in harmful_rows].count, default=None)
+        pushed = data.pushed_tool(harmful_rows)  # search_web on the organism's data
         for s in samples:
             if s["kind"] != "harmful" and s["attacker_tool"] is None:
-                legit = ((s.get("completion") or {}).get("tool_call") or {}).get("name") == pushed
+                legit = s["expected_tool"] == pushed  # a chat row's expected_tool is None
                 redirect += [data.encode_sample(tok, s, cb_mask)] * (legit_repeat if legit else 1)
                 n_legit += legit
     n_trip = 0
