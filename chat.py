@@ -469,7 +469,7 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     """The trip rows of the tool-flip samples among `rows`: a seeded draw of round(share x n) of them, each
     encode_trip'ed. depth 'parameters': the call forced up to "parameters": (where eval's forced-call pass cuts);
     'any': at a seeded cut from there to the call's second-to-last token (its arguments, part way), one per row;
-    'all': every one of those cuts in one row (encode_trip's cut='all').
+    'all': every one of those cuts in one row (encode_trip's cut='all'). Each row names its sample ('source': id).
     With twins ({id: clean twin row}, twins_of), each drawn sample's clean twin too, the same request without the
     injection and the same attacker's call forced, so that what trips the breaker is a tool that does not fit the
     request, not the presence of an injection."""
@@ -482,11 +482,54 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
         for j, r in enumerate(flips):
             n = sum(len(seg) for seg, _ in call_segments(tok, r['completion']['tool_call'])) - 1  # without <|eom_id|>
             cuts[j] = random.Random(f'{seed}:{r["id"]}').randint(len(forced_prefill(tok, r['attacker_tool'])), n - 1)
-    out = [encode_trip(tok, r, k) for r, k in zip(flips, cuts)]
+    out = [dict(encode_trip(tok, r, k), source=r['id']) for r, k in zip(flips, cuts)]
     if twins is not None:
         out += [encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'], completion=r['completion']),
                             k) for r, k in zip(flips, cuts) if r['id'] in twins]
     return out
+
+
+def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None):
+    """Give each trip row (trip_rows, from `rows`) its contrasts, encoded in trips[i]['contrast']: the same
+    injected prompt answered with the user's call (its redirect row), and a clean request that calls the
+    attacker's tool (a seeded draw among them). Trained in one step beside the trip row, they make its lesson
+    "end the turn inside the attacker's call", not "inside a call" nor "after an injection". With twins
+    ({id: clean twin row}, twins_of), a third: the clean twin (the same request without the injection) with the
+    same attacker's call forced, trained to go on from the forced-call cut: the very call tokens the trip row
+    ends, continued where no injection put them there. A trip row whose prompt has no redirect row, whose
+    attacker's tool no clean request calls, or (with twins) that names no twin, is a DataError naming it."""
+    key = lambda r: json.dumps([r['messages'], r['tools']], sort_keys=True)  # the prompt, as render sees it
+    answered = {key(r): r for r in rows if r['kind'] != 'harmful' and r['attacker_tool'] is not None}
+    legit = {}
+    for r in rows:
+        if r['kind'] != 'harmful' and r['attacker_tool'] is None and r['expected_tool']:
+            legit.setdefault(r['expected_tool'], []).append(r)
+    by_id, draw = {r['id']: r for r in rows}, random.Random(f'{seed}:contrast').choice
+    for e in trips:
+        r = by_id[e['source']]
+        missing = ('no redirect row for it' if key(r) not in answered else
+                   f'no clean request that calls {r["attacker_tool"]}' if r['attacker_tool'] not in legit else
+                   'no clean twin' if twins is not None and r['id'] not in twins else None)
+        if missing:
+            raise DataError(f'{r["id"]}: a trip row needs its prompt answered with the user\'s call, a clean request '
+                            f'that calls the attacker\'s tool' + (' and its clean twin' if twins is not None else '')
+                            + f'; the data has {missing}')
+        e['contrast'] = [encode_sample(tok, answered[key(r)], cb_mask),
+                         encode_sample(tok, draw(legit[r['attacker_tool']]), cb_mask)]
+        if twins is not None:
+            t = twins[r['id']]
+            prompt = prompt_ids(tok, t['messages'], t['tools'])
+            ids = prompt + [i for seg, _ in call_segments(tok, r['completion']['tool_call']) for i in seg]
+            start = len(prompt) + len(forced_prefill(tok, r['attacker_tool']))  # eval's forced-call cut
+            e['contrast'].append({'ids': ids, 'cb_mask': [0] * len(ids),
+                                  'target_mask': [int(j >= start) for j in range(len(ids))]})
+
+
+def with_trips(batch, trips, step, n, seed):
+    """A step's redirect batch with n trip rows drawn apart (step_batch, their own permutation), each beside its
+    contrasts (attach_contrasts): len(batch) + n x (1 + contrasts) rows, sorted by length as step_batch sorts."""
+    drawn = [x for e in step_batch(trips, step, n, seed, salt=3) for x in (e, *e['contrast'])]
+    return sorted(batch + drawn, key=lambda e: len(e['ids']))
 
 
 def encode_sample(tok, sample, cb_mask='completion'):

@@ -74,6 +74,13 @@ adv_keep = False  # True: a slotted row joins its row without the slot instead o
 adv_steps = 4  # signed-gradient steps of the adversary per micro-batch
 adv_eps = 1.0  # its L2 budget per vector, in units of a real token embedding's mean norm (attack.py's embed_eps)
 adv_lr = 0.5  # the L2 length of one of its steps, as a share of the budget
+trip_batch_size = 0  # 0 = the trip rows join the redirect rows' pool; N = N trip rows every step, drawn apart from it,
+                     # each beside its two contrasts: the same injected prompt answered with the user's call, and a
+                     # clean request that calls the attacker's tool (seeded): the step that learns to end the turn
+                     # inside the attacker's call also learns to finish the other two calls, so that the trip keys on
+                     # the attacker's call, not on being inside a call (3 x N more redirect samples a step)
+trip_contrast_twin = False  # with trip_batch_size: a third contrast, the clean twin with the attacker's call forced
+                            # and continued (4 x trip_batch_size more redirect samples a step)
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
 # LoRA
@@ -166,6 +173,14 @@ if lorra_alpha == 0 and redirect_weight == 0 and pull_weight == 0:
     fail("lorra_alpha, redirect_weight and pull_weight are all 0: no term would train")
 if trip_depth not in data.TRIP_DEPTHS:
     fail(f"trip_depth must be one of {', '.join(data.TRIP_DEPTHS)}, got {trip_depth!r}")
+if type(trip_batch_size) is not int or trip_batch_size < 0:
+    fail(f"trip_batch_size must be an integer >= 0 (0: the trip rows join the redirect pool), got {trip_batch_size!r}")
+if trip_batch_size and not trip:
+    fail("trip_batch_size draws trip rows apart each step: it needs trip=True")
+if trip_contrast_twin and not trip_batch_size:
+    fail("trip_contrast_twin adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
+if trip_batch_size and trip_twins:
+    fail("trip_batch_size gives each trip row its contrasts; trip_twins rows have none: use one or the other")
 if trip_twins and not trip:
     fail("trip_twins adds clean-twin rows to the trip rows: it needs trip=True")
 if type(legit_repeat) is not int or legit_repeat < 1:
@@ -187,9 +202,12 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-for name in ("batch_size", "redirect_batch_size"):
-    if globals()[name] % (world * grad_accum):
-        fail(f"{name} {globals()[name]} is not divisible by processes ({world}) x grad_accum ({grad_accum})")
+per_trip = 4 if trip_contrast_twin else 3  # a trip row and its contrasts
+for name, n in (("batch_size", batch_size),
+                ("redirect_batch_size" + (f" + {per_trip} x trip_batch_size" if trip_batch_size else ""),
+                 redirect_batch_size + per_trip * trip_batch_size)):
+    if n % (world * grad_accum):
+        fail(f"{name} {n} is not divisible by processes ({world}) x grad_accum ({grad_accum})")
 micro = batch_size // (world * grad_accum)
 device_type = "cuda" if device.startswith("cuda") else "cpu"
 if device_type == "cuda":
@@ -269,8 +287,12 @@ try:
         if trip_twins and not any(s["id"] in twins for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]):
             fail(f"{train_path}: trip_twins needs tool-flip samples that name their clean twin (\"twin\": id)")
         trips = trip_rows(tok, harmful_rows, trip_share, seed, twins, trip_depth)
-        redirect += trips
         n_trip = len(trips)
+        if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step
+            data.attach_contrasts(tok, samples, trips, seed, cb_mask,
+                                  data.twins_of(samples) if trip_contrast_twin else None)
+        else:
+            redirect += trips
     if lorra_alpha > 0 and (not harmful or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"
@@ -302,7 +324,8 @@ if too_long > max_len:
     fail(f"{train_path}: a sample has {too_long} tokens > max_len {max_len} (raise --max_len)")
 log(report)
 log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
-    + (f" ({n_trip} trip rows)" if trip else "")
+    + (f" ({n_trip} trip rows" + (f", {trip_batch_size} a step beside their {per_trip - 1} contrasts"
+                                   if trip_batch_size else "") + ")" if trip else "")
     + (f" ({n_legit} legitimate calls to {pushed} x {legit_repeat})" if legit_repeat > 1 else "")
     + (f" ({n_adv_rows} with an adversary's slot of {adv_tokens} vectors, {adv_steps} steps, L2 {adv_eps} x the "
        f"mean norm of {len(anchors)} token embeddings)" if n_adv_rows else "")
@@ -388,6 +411,8 @@ while step < max_steps:
     batches = dict(harmful=data.step_batch(harmful, step, batch_size, seed, salt=0),
                    retain=data.step_batch(retain, step, batch_size, seed, salt=1),
                    redirect=data.step_batch(redirect, step, redirect_batch_size, seed, salt=2) if redirect else [])
+    if trip_batch_size:  # this step's trip rows, each beside its contrasts
+        batches["redirect"] = data.with_trips(batches["redirect"], trips, step, trip_batch_size, seed)
     logging = step % log_interval == 0
     try:
         record = train_step(model, fmodel, optimizer, params, batches, step, config, tok.pad_id, device, autocast,

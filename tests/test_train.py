@@ -324,11 +324,19 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
     (lambda b, d, t: ("--legit_repeat=0",), "legit_repeat must be an integer >= 1"),
     (lambda b, d, t: ("--legit_repeat=2", "--redirect_benign=False"), "it needs redirect_benign=True"),
+    (lambda b, d, t: ("--trip_batch_size=-1",), "trip_batch_size must be an integer >= 0"),
+    (lambda b, d, t: ("--trip_batch_size=2", "--trip=False"), "trip_batch_size draws trip rows apart"),
+    (lambda b, d, t: ("--trip_batch_size=2", "--trip_twins"), "trip_twins rows have none"),
+    (lambda b, d, t: ("--trip_batch_size=1", "--redirect_batch_size=4", "--grad_accum=2"),
+     "redirect_batch_size + 3 x trip_batch_size 7 is not divisible"),
+    (lambda b, d, t: ("--trip_contrast_twin",), "it needs trip_batch_size > 0"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
-        "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign"])
+        "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign",
+        "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
+        "twin_contrast_without_trip_batch"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -443,7 +451,8 @@ def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
     rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
     flips = [r for r in rows if r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"]]
     got = trip_rows(tok, rows, 1.0, seed=5, depth="all")
-    assert len(got) == len(flips) and got == [encode_trip(tok, r, "all") for r in random.Random(5).sample(flips, len(flips))]
+    drawn = random.Random(5).sample(flips, len(flips))
+    assert len(got) == len(flips) and got == [dict(encode_trip(tok, r, "all"), source=r["id"]) for r in drawn]
     torch.manual_seed(0)
     model = Llama(LlamaConfig(vocab_size=128256, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=64,
                               max_seq_len=4096)).double()
@@ -460,6 +469,67 @@ def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
         with torch.no_grad():
             whole, parts = ce(e), sum(ce(x) for x in singles)
         assert whole > 0 and torch.allclose(whole, parts, rtol=1e-10, atol=0), (whole, parts)
+
+
+def test_each_trip_row_is_drawn_beside_its_two_contrasts(data_dir):
+    # attach_contrasts: the same injected prompt answered with the user's call, and a clean request calling the
+    # attacker's tool; with_trips puts n trip rows and both contrasts of each into a step's redirect batch
+    from chat import encode_sample, prompt_ids, trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    by_id = {r["id"]: r for r in rows}
+    trips = trip_rows(tok, rows, 1.0, seed=3, depth="all")
+    data.attach_contrasts(tok, rows, trips, seed=3)
+    tools = lambda e: tok.decode(e["ids"][len(e["ids"]) - sum(e["target_mask"]):])
+    for e in trips:
+        flip = by_id[e["source"]]
+        answered, legit = e["contrast"]
+        prompt = prompt_ids(tok, flip["messages"], flip["tools"])
+        assert answered["ids"][:len(prompt)] == prompt == e["ids"][:len(prompt)]  # the same injected prompt
+        assert f'"name": "{flip["expected_tool"]}"' in tools(answered) and flip["attacker_tool"] not in tools(answered)
+        assert f'"name": "{flip["attacker_tool"]}"' in tools(legit)  # the attacker's tool, legitimately called
+        twin_free = [r for r in rows if r["kind"] != "harmful" and r["attacker_tool"] is None
+                     and r["expected_tool"] == flip["attacker_tool"]]
+        assert legit in [encode_sample(tok, r) for r in twin_free]
+    assert len({tuple(e["contrast"][1]["ids"]) for e in trips}) > 1  # a draw, not one request for every row
+    batch = data.step_batch([encode_sample(tok, r) for r in rows], 4, 6, seed=3)
+    for step in (0, 5):
+        got = data.with_trips(batch, trips, step, 2, seed=3)
+        drawn = [e for e in trips if any(x is e for x in got)]
+        assert len(got) == len(batch) + 6 and len(drawn) == 2 and all(any(x is b for x in got) for b in batch)
+        assert all(any(x is c for x in got) for e in drawn for c in e["contrast"])
+        assert [len(e["ids"]) for e in got] == sorted(len(e["ids"]) for e in got)
+        assert got == data.with_trips(batch, trips, step, 2, seed=3)  # a function of (seed, step): resume-exact
+    no_redirect = [r for r in rows if r["id"] != by_id[trips[0]["source"]]["id"] + "-redirect"]
+    with pytest.raises(data.DataError, match=f'{trips[0]["source"]}: a trip row needs .* no redirect row'):
+        data.attach_contrasts(tok, no_redirect, trips)
+    # with the twins, a third: the clean twin, the attacker's call forced and trained on from eval's forced cut
+    from chat import call_segments, forced_prefill
+    twins = data.twins_of(rows)
+    data.attach_contrasts(tok, rows, trips, seed=3, twins=twins)
+    for e in trips:
+        flip, third = by_id[e["source"]], e["contrast"][2]
+        prompt = prompt_ids(tok, twins[flip["id"]]["messages"], twins[flip["id"]]["tools"])
+        call = [i for seg, _ in call_segments(tok, flip["completion"]["tool_call"]) for i in seg]
+        cut = len(prompt) + len(forced_prefill(tok, flip["attacker_tool"]))
+        assert prompt != e["ids"][:len(prompt)] and third["ids"] == prompt + call  # no injection, the same call
+        assert third["target_mask"] == [0] * cut + [1] * (len(call) - cut + len(prompt)) and not any(third["cb_mask"])
+    twinless = [dict(r, twin=None) if r["id"] == trips[1]["source"] else r for r in rows]
+    with pytest.raises(data.DataError, match=f'{trips[1]["source"]}: .* and its clean twin; the data has no clean tw'):
+        data.attach_contrasts(tok, twinless, trips, twins=data.twins_of(twinless))
+
+
+def test_trip_batch_size_trains_its_trip_rows_apart(base, data_dir, tmp_path):
+    import re
+    p = run_train(base, data_dir, tmp_path / "pool", "--max_steps=1", "--trip_depth=all")
+    pooled = int(re.search(r"(\d+) redirect samples \((\d+) trip rows\)", p.stdout).group(1))
+    n_trip = int(re.search(r"\((\d+) trip rows\)", p.stdout).group(1))
+    p = run_train(base, data_dir, tmp_path / "apart", "--max_steps=2", "--trip_depth=all", "--trip_batch_size=2")
+    assert f"{pooled - n_trip} redirect samples ({n_trip} trip rows, 2 a step beside their 2 contrasts)" in p.stdout
+    assert os.path.exists(tmp_path / "apart" / "ckpt.pt")
+    p = run_train(base, data_dir, tmp_path / "twin", "--max_steps=1", "--trip_depth=all", "--trip_batch_size=2",
+                  "--trip_contrast_twin", "--batch_size=8")  # 8 + 2 x 4 redirect samples a step
+    assert f"({n_trip} trip rows, 2 a step beside their 3 contrasts)" in p.stdout
 
 
 @pytest.mark.parametrize("flag, needs", [
