@@ -520,16 +520,14 @@ def test_each_trip_row_is_drawn_beside_its_two_contrasts(data_dir):
 
 
 def test_trip_batch_size_trains_its_trip_rows_apart(base, data_dir, tmp_path):
-    import re
-    p = run_train(base, data_dir, tmp_path / "pool", "--max_steps=1", "--trip_depth=all")
-    pooled = int(re.search(r"(\d+) redirect samples \((\d+) trip rows\)", p.stdout).group(1))
-    n_trip = int(re.search(r"\((\d+) trip rows\)", p.stdout).group(1))
-    p = run_train(base, data_dir, tmp_path / "apart", "--max_steps=2", "--trip_depth=all", "--trip_batch_size=2")
-    assert f"{pooled - n_trip} redirect samples ({n_trip} trip rows, 2 a step beside their 2 contrasts)" in p.stdout
-    assert os.path.exists(tmp_path / "apart" / "ckpt.pt")
-    p = run_train(base, data_dir, tmp_path / "twin", "--max_steps=1", "--trip_depth=all", "--trip_batch_size=2",
+    # the trip rows leave the redirect pool (every non-harmful row stays in it) and come back 2 a step with 3 contrasts
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    pool = sum(r["kind"] != "harmful" for r in rows)
+    flips = sum(r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"] for r in rows)
+    p = run_train(base, data_dir, tmp_path, "--max_steps=1", "--trip_depth=all", "--trip_batch_size=2",
                   "--trip_contrast_twin", "--batch_size=8")  # 8 + 2 x 4 redirect samples a step
-    assert f"({n_trip} trip rows, 2 a step beside their 3 contrasts)" in p.stdout
+    assert f"{pool} redirect samples ({flips} trip rows, 2 a step beside their 3 contrasts)" in p.stdout, p.stdout
+    assert os.path.exists(tmp_path / "ckpt.pt")
 
 
 @pytest.mark.parametrize("flag, needs", [
