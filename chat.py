@@ -237,6 +237,11 @@ def call_segments(tok, call, tag='call'):
             (tok.encode(rest), tag), ([tok.eom_id], tag)]
 
 
+def call_ids(tok, call):
+    """The ids of call_segments' pieces, concatenated: <|python_tag|> .. <|eom_id|>."""
+    return [i for seg, _ in call_segments(tok, call) for i in seg]
+
+
 def header(tok, role):
     return [tok.start_header_id] + tok.encode(role) + [tok.end_header_id]
 
@@ -451,7 +456,7 @@ def encode_trip(tok, sample, cut=None):
     prompt = prompt_ids(tok, sample['messages'], sample['tools'])
     forced = forced_prefill(tok, sample['attacker_tool'])
     if cut is not None:
-        call = [i for seg, _ in call_segments(tok, sample['completion']['tool_call']) for i in seg]
+        call = call_ids(tok, sample['completion']['tool_call'])
         if cut == 'all':
             ids = prompt + call[:-1]  # no <|eom_id|>; the state before position t has seen t - len(prompt) call ids
             on = [int(len(prompt) + len(forced) <= t) for t in range(len(ids))]
@@ -480,7 +485,7 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     cuts = [depth if depth == 'all' else None] * len(flips)
     if depth == 'any':
         for j, r in enumerate(flips):
-            n = sum(len(seg) for seg, _ in call_segments(tok, r['completion']['tool_call'])) - 1  # without <|eom_id|>
+            n = len(call_ids(tok, r['completion']['tool_call'])) - 1  # without <|eom_id|>
             cuts[j] = random.Random(f'{seed}:{r["id"]}').randint(len(forced_prefill(tok, r['attacker_tool'])), n - 1)
     out = [dict(encode_trip(tok, r, k), source=r['id']) for r, k in zip(flips, cuts)]
     if twins is not None:
@@ -519,7 +524,7 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None)
         if twins is not None:
             t = twins[r['id']]
             prompt = prompt_ids(tok, t['messages'], t['tools'])
-            ids = prompt + [i for seg, _ in call_segments(tok, r['completion']['tool_call']) for i in seg]
+            ids = prompt + call_ids(tok, r['completion']['tool_call'])
             start = len(prompt) + len(forced_prefill(tok, r['attacker_tool']))  # eval's forced-call cut
             e['contrast'].append({'ids': ids, 'cb_mask': [0] * len(ids),
                                   'target_mask': [int(j >= start) for j in range(len(ids))]})
@@ -569,7 +574,7 @@ def departure_start(tok, sample, completion_ids):
                         '(regenerate the data with python data.py)')
     if sample['expected_call'] is None:  # the right answer is text: any call departs at its first token
         return 0 if completion_ids and completion_ids[0] == tok.python_tag_id else None
-    correct = [i for seg, _ in call_segments(tok, sample['expected_call']) for i in seg]
+    correct = call_ids(tok, sample['expected_call'])
     for k, i in enumerate(completion_ids):
         if k >= len(correct) or i != correct[k]:
             return k

@@ -17,9 +17,10 @@ import random
 import re
 import string
 
-from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, DataError, bundled_tokenizer_dir, call_segments, check_row,
-                  collate, departure_start, encode_sample, load_jsonl, load_tokenizer, mask_report, prompt_ids, pushed_tool,
-                  render, step_batch, tool_call_text, twins_of, write_jsonl, attach_contrasts, with_trips)
+from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, DataError, attach_contrasts, bundled_tokenizer_dir,
+                  call_segments, check_row, collate, departure_start, encode_sample, load_jsonl, load_tokenizer,
+                  mask_report, prompt_ids, pushed_tool, render, step_batch, tool_call_text, twins_of, with_trips,
+                  write_jsonl)
 from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
