@@ -44,6 +44,7 @@ if [ "${1:-}" = "--cpu" ]; then  # the same code paths, tiny shapes, fp32, no co
   BENCH=(--preset=8b --device=cpu --dim=24 --n_layers=3 --n_heads=2 --n_kv_heads=1 --hidden_dim=48 --layers=0,1
          --batch_size=2 --n_samples=60 --ref_request_len=320 --ref_response_len=64 --ref_retain_len=320)
   SHORT=(--n_warmup=1 --n_steps=1)
+  FEW=("${SHORT[@]}")  # the reference's lm_head over the whole vocabulary is ~15 s a step on one core
   NOCOMPILE=(--compile=False)
   DEVICE=(--device=cpu --dtype=float32)
   STEPS=4
@@ -51,6 +52,7 @@ if [ "${1:-}" = "--cpu" ]; then  # the same code paths, tiny shapes, fp32, no co
 else
   BENCH=(--preset=8b)
   SHORT=(--n_warmup=2 --n_steps=4)  # compiles end in the first two steps (new lengths, grad/no-grad inputs)
+  FEW=()  # bench_candidates: the preset's steps
   NOCOMPILE=()
   DEVICE=()
   STEPS=30
@@ -86,7 +88,7 @@ for name in (\"transformers\", \"peft\", \"triton\"):
     except ImportError:
         print(name, \"missing\")'"
 
-part bench_candidates 260 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" --compile_blocks=True --profile=True \
+part bench_candidates 260 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${FEW[@]}" --compile_blocks=True --profile=True \
   --out="$OUT/bench_candidates.json"
 
 part tiny_setup 60 "$PYTHON" -c "
