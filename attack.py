@@ -54,7 +54,7 @@ import torch
 import data as dataset
 import eval as ev
 from lora import adapters_off
-from model import generate
+from model import class_argmax, class_logits, generate, head_classes
 from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
@@ -173,28 +173,12 @@ def allowed_tokens(tok, model):
     return first.sort().values
 
 
-def head_classes(model):
-    """The lm_head's distinct rows and their multiplicities, so the full-vocabulary log-softmax costs one row per
-    distinct output (exact: equal rows give equal logits): (rows (U, dim), log counts (U,), class of each id,
-    smallest id of each class)."""
-    w = model.lm_head.weight.detach()
-    rows, inverse, counts = torch.unique(w, dim=0, return_inverse=True, return_counts=True)
-    first = torch.full((len(rows),), len(w), dtype=torch.long, device=w.device)
-    first.scatter_reduce_(0, inverse, torch.arange(len(w), device=w.device), reduce="amin")
-    return rows, counts.double().log(), inverse, first
-
-
 def final_hidden(model, embeds, cache, start):
     """The last hidden state (after the final norm) of `embeds` (B, T, dim) after a cached prefix of `start`
     tokens: no lm_head here, the caller takes logits where it needs them."""
     B, T, _ = embeds.shape
     valid = torch.ones(B, start + T, dtype=torch.bool, device=embeds.device)
     return model(embeds=embeds, attn_mask=valid, cache=cache, start=start, logits=False, hidden=True)[1][-1]
-
-
-def class_logits(head, h):
-    """Logits over the distinct lm_head rows, in float32 at least (bf16 logits round the log-softmax)."""
-    return (h @ head[0].t()).to(torch.promote_types(h.dtype, torch.float32))
 
 
 def prefix_cache(model, ids):
@@ -239,12 +223,11 @@ def greedy(model, head, prefix, embeds, stop_ids):
     B, T, _ = embeds.shape
     P = prefix[0][0].shape[2]
     cache = grown(prefix, B, T + max_new_tokens)
-    first = head[3]
     stop = torch.tensor(sorted(set(stop_ids)), device=embeds.device)
     h, out = final_hidden(model, embeds, cache, P)[:, -1:], []
     done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
     for t in range(max_new_tokens):
-        nxt = first[class_logits(head, h[:, -1]).argmax(-1)]
+        nxt = class_argmax(head, class_logits(head, h[:, -1]))
         out.append(nxt)
         done |= torch.isin(nxt, stop)
         if bool(done.all()) or t == max_new_tokens - 1:
@@ -529,7 +512,7 @@ if __name__ == "__main__":
     model = ev.load_model(base_dir, info, dtype, device, source=ckpt)  # one model: the base is its adapters off
     model.requires_grad_(False)  # gradients go to the adversarial inputs only
     modes = ("base", "cb")[0 if base else 1:] if info else ("base",)
-    allowed, head = allowed_tokens(tok, model), head_classes(model)
+    allowed, head = allowed_tokens(tok, model), head_classes(model.lm_head.weight)
     eps = embed_budget(model, allowed)
     print(f"base {base_dir}" + (f"; checkpoint {ckpt} (step {info.get('step')})" if info else "; no checkpoint"))
     print(f"{len(injected)} injected cases of {cases_path}; {len(allowed)} candidate tokens; GCG: {n_adv} tokens, "

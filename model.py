@@ -201,6 +201,7 @@ class Llama(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         # a plain float32 tensor, not a buffer, so model.to(bfloat16) cannot round the frequencies
         self.inv_freq = rope_frequencies(cfg)
+        self.head = None  # the frozen lm_head's distinct rows (group_head_rows), or None: the whole vocabulary
 
     def rope(self, pos, dtype):
         # pos (B, T) -> cos, sin (B, 1, T, head_dim), computed in float32 then cast; in float64 for a float64
@@ -213,13 +214,14 @@ class Llama(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, ids=None, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None,
-                last_only=False, stop=None, embeds=None):
+                last_only=False, stop=None, embeds=None, classes=False):
         """ids (B, T) token ids, or embeds (B, T, dim) input embeddings in their place (exactly one of the two):
         embeds lets an attack optimise in embedding space or take gradients through a one-hot @ embed_tokens.weight.
         attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None for unpadded /
         right-padded input, which needs only the causal mask and gets the fast kernels (with a cache and
         start > 0, the causal mask is built offset by start: SDPA's is_causal would align it top-left).
         last_only computes logits for the last position only (generation: the lm_head is the big matmul).
+        classes=True gives logits over self.head's distinct rows instead of the vocabulary (group_head_rows).
         stop=l runs blocks 0..l-1 only and returns hidden[0..l], hidden[l] the input of block l (no final
         norm, no logits): all the rerouting loss needs when l is the last target layer.
         Returns (logits (B, T or 1, vocab) or None, hidden (n_layers+1 or stop+1, B, T, dim) or None)."""
@@ -261,8 +263,25 @@ class Llama(nn.Module):
             if self.lm_head is None:
                 raise ModelError(f"this model keeps only {self.config.n_layers} of {self.base_n_layers} blocks; "
                                  "it has no lm_head")
-            out_logits = self.lm_head(x[:, -1:] if last_only else x)
+            if classes and self.head is None:
+                raise ModelError("classes=True needs the lm_head's rows grouped first (group_head_rows)")
+            x = x[:, -1:] if last_only else x
+            out_logits = class_logits(self.head, x) if classes else self.lm_head(x)
         return out_logits, torch.stack(states) if hidden else None
+
+    def group_head_rows(self):
+        """Group the lm_head's equal rows, so that greedy decoding and the training cross-entropy cost one row per
+        distinct output instead of one per token: exact, since equal rows give equal logits. It pays where many
+        rows are equal: the organism trains in ~2,700 tokens and leaves every other row at zero. For a frozen
+        lm_head (call it again after changing the weights). Returns the number of distinct rows; with every row
+        distinct, or no lm_head, self.head stays None."""
+        self.head = None
+        if self.lm_head is None:
+            return 0
+        head = head_classes(self.lm_head.weight)
+        if len(head[0]) < self.config.vocab_size:
+            self.head = head
+        return len(head[0])
 
     # -------------------------------------------------------------------------
     @classmethod
@@ -398,6 +417,41 @@ def save_pretrained(model, path, dtype=torch.bfloat16):
 
 
 # -----------------------------------------------------------------------------
+# the lm_head by distinct rows
+
+def head_classes(weight):
+    """The distinct rows of an lm_head weight (V, dim), so the full-vocabulary softmax costs one row per distinct
+    output (exact: equal rows give equal logits): (rows (U, dim), log counts (U,) in float64, the class of each
+    id (V,), the smallest id of each class (U,))."""
+    w = weight.detach()
+    rows, inverse, counts = torch.unique(w, dim=0, return_inverse=True, return_counts=True)
+    first = torch.full((len(rows),), len(w), dtype=torch.long, device=w.device)
+    first.scatter_reduce_(0, inverse, torch.arange(len(w), device=w.device), reduce="amin")
+    return rows, counts.double().log(), inverse, first
+
+
+def class_logits(head, h):
+    """Logits (..., U) over the distinct rows from states h (..., dim), in float32 at least (bf16 logits round
+    the log-softmax)."""
+    return (h @ head[0].t()).to(torch.promote_types(h.dtype, torch.float32))
+
+
+def class_cross_entropy(head, h, targets):
+    """Summed full-vocabulary cross-entropy of the token ids targets (N,) from states h (N, dim): the log of the
+    sum over classes of count x exp(logit), less the target's class logit."""
+    logits = class_logits(head, h)
+    total = torch.logsumexp(logits + head[1].to(logits.dtype), -1)
+    return (total - logits.gather(-1, head[2][targets][:, None])[:, 0]).sum()
+
+
+def class_argmax(head, logits):
+    """The full-vocabulary argmax from class logits (..., U): the smallest id among the classes that reach the
+    maximum, as torch's argmax takes the first of equal maxima."""
+    top = logits.max(-1, keepdim=True).values
+    return torch.where(logits == top, head[3], len(head[2])).min(-1).values
+
+
+# -----------------------------------------------------------------------------
 # generation
 
 @torch.no_grad()
@@ -424,12 +478,15 @@ def generate(model, prompts, max_new_tokens, stop_ids, temperature=0.0, pad_id=0
     out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
     n_out = torch.zeros(B, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)  # the rows still generating; finished ones leave the batch
+    classes = temperature == 0 and model.head is not None  # greedy over the distinct lm_head rows: the same ids
     start, x = 0, ids
     for t in range(max_new_tokens):
         logits, _ = model(x, attn_mask=valid, cache=cache, start=start, pos=pos[:, start:start + x.shape[1]],
-                          last_only=True)
+                          last_only=True, classes=classes)
         logits = logits[:, -1].float()
-        if temperature > 0:
+        if classes:
+            nxt = class_argmax(model.head, logits)
+        elif temperature > 0:
             probs = torch.softmax(logits / temperature, dim=-1)
             nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         else:

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 import losses
 from chat import collate
 from lora import adapters_off
+from model import class_cross_entropy
 
 
 class StepError(Exception):
@@ -65,8 +66,10 @@ def coefficients(step, cfg):
 def completion_ce(model, h, b):
     """Summed cross-entropy of b's completion tokens (target_mask; towards b's labels, which are its ids except on
     trip rows at every depth) from the last hidden states h (B, T, D), after the final norm: only the target
-    positions go through the lm_head."""
+    positions go through the lm_head, by its distinct rows where they are grouped (model.head)."""
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
+    if model.head is not None:
+        return class_cross_entropy(model.head, h[:, :-1][emit], b["labels"][:, 1:][emit])
     logits = model.lm_head(h[:, :-1][emit])  # (n_targets, vocab)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
     return F.cross_entropy(logits, b["labels"][:, 1:][emit], reduction="sum")

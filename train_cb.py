@@ -232,6 +232,9 @@ except (ModelError, LoRAError, data.DataError) as e:
     fail(str(e))
 model.to(device)
 model.grad_checkpoint = grad_checkpoint
+if needs_head and model.group_head_rows() < base_cfg.vocab_size:  # the organism: every unused row is zero
+    log(f"lm_head: {len(model.head[0]):,} distinct rows of {base_cfg.vocab_size:,}, so the cross-entropy takes one "
+        "logit per distinct row (exact)")
 if compile:  # each block compiled in place, one graph for all of them: a first compile the size of one block
     # (a whole-model compile of the 8B step had not finished after 270 s on an H100). Lengths, train/eval and
     # adapters on/off give each block a handful of graph variants: allow them.

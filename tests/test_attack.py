@@ -118,7 +118,7 @@ def test_target_loss_is_the_full_vocabulary_nll_after_the_cached_prefix(tok, pla
     model.load_state_dict(planted["model"].state_dict())
     model = model.double().eval().requires_grad_(False)  # float64: the two orders of summation agree to 1e-12
     lay, target = planted["lay"], planted["target"]
-    head, W = attack.head_classes(model), model.embed_tokens.weight
+    head, W = attack.head_classes(model.lm_head.weight), model.embed_tokens.weight
     assert len(head[0]) < 1000  # the shared zero rows are one class: the dedup path is the one under test
     advs = [planted["adv0"], [planted["trigger"]] + planted["adv0"][1:]]
     rest = torch.tensor(lay["tail"] + target[:-1])
@@ -133,7 +133,7 @@ def test_target_loss_is_the_full_vocabulary_nll_after_the_cached_prefix(tok, pla
 
 def test_greedy_from_the_cached_prefix_is_generate(tok, planted):
     model, lay = planted["model"], planted["lay"]
-    head, W = attack.head_classes(model), model.embed_tokens.weight
+    head, W = attack.head_classes(model.lm_head.weight), model.embed_tokens.weight
     prefix = attack.prefix_cache(model, lay["head"])
     for adv in (planted["adv0"], [planted["trigger"]] + planted["adv0"][1:]):
         ours = attack.greedy(model, head, prefix, W[torch.tensor(adv + lay["tail"])][None], tok.stop_ids)[0]
@@ -146,7 +146,7 @@ def test_greedy_from_the_cached_prefix_is_generate(tok, planted):
 
 def test_a_gcg_step_reduces_the_target_loss(tok, case, planted):
     model, lay, target = planted["model"], planted["lay"], planted["target"]
-    head, allowed, W = attack.head_classes(model), attack.allowed_tokens(tok, model), model.embed_tokens.weight
+    head, allowed, W = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model), model.embed_tokens.weight
     prefix = attack.prefix_cache(model, lay["head"])
     rest = lay["tail"] + target[:-1]
     loss = lambda adv: float(attack.target_loss(model, head, prefix, W[torch.tensor(adv + rest)][None],
@@ -160,7 +160,7 @@ def test_a_gcg_step_reduces_the_target_loss(tok, case, planted):
 
 def test_the_one_hot_gradient_ranks_the_planted_token_in_its_top_k(tok, planted, monkeypatch):
     model, lay, target = planted["model"], planted["lay"], planted["target"]
-    head, allowed, W = attack.head_classes(model), attack.allowed_tokens(tok, model), model.embed_tokens.weight
+    head, allowed, W = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model), model.embed_tokens.weight
     prefix = attack.prefix_cache(model, lay["head"])
     a = W[torch.tensor(planted["adv0"])].clone().requires_grad_(True)
     rest = W[torch.tensor(lay["tail"] + target[:-1])]
@@ -174,7 +174,7 @@ def test_the_one_hot_gradient_ranks_the_planted_token_in_its_top_k(tok, planted,
 
 def test_a_planted_easy_case_is_found(tok, case, planted):
     model, lay = planted["model"], planted["lay"]
-    head, allowed = attack.head_classes(model), attack.allowed_tokens(tok, model)
+    head, allowed = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model)
     rec = attack.gcg(model, head, tok, case, lay, planted["adv0"], planted["target"], allowed,
                      torch.Generator().manual_seed(0))
     assert rec["first_success"] is not None and rec["first_success"] > 0  # the starting string is refused
@@ -211,7 +211,7 @@ def test_the_embedding_attack_respects_its_budget(tok, case, monkeypatch, tmp_pa
     monkeypatch.setattr(attack, "embed_lr", 0.6)  # big steps: the projection has work to do
     model = Llama.from_pretrained(tiny_base(tmp_path / "base", n_layers=2, dim=16)).eval().requires_grad_(False)
     lay, adv0, target = parts(tok, case)
-    allowed, head = attack.allowed_tokens(tok, model), attack.head_classes(model)
+    allowed, head = attack.allowed_tokens(tok, model), attack.head_classes(model.lm_head.weight)
     eps = attack.embed_budget(model, allowed)
     gen = torch.Generator().manual_seed(0)
     rec = attack.embedding_attack(model, head, tok, case, lay, adv0, target, allowed, eps, gen)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from model import (Llama, LlamaConfig, ModelError, RMSNorm, compile_blocks, flops_per_token, generate,
-                   rope_frequencies, save_pretrained)
+from model import (Llama, LlamaConfig, ModelError, RMSNorm, class_argmax, class_cross_entropy, class_logits,
+                   compile_blocks, flops_per_token, generate, rope_frequencies, save_pretrained)
 
 # head_dim 8 at theta 500000 has wavelengths 6.3, 167, 4443 and 118000 tokens: with an original context of 512
 # and factors 1 / 4, the first is kept, the last two slowed by 8, and 167 lies in the blended band (128, 512)
@@ -130,6 +130,55 @@ def test_kv_cache_generation_equals_argmax_redecoding(tmp_path):
     want = [reference_greedy(model, p, 12, stop=stops) for p in prompts]
     assert got == want
     assert len({len(w) for w in want}) > 1  # rows really stopped at different steps
+
+
+def organism_head(model):
+    """The organism's kind of lm_head: most rows zero (logit exactly 0), two rows equal, the rest distinct."""
+    with torch.no_grad():
+        w = model.lm_head.weight
+        w.copy_(-w.abs())  # every row scores below zero on a state of positive entries
+        w[10] *= 10  # and row 10 (11 its copy) wins on a state along it
+        w[::3] = 0
+        w[40:60] = 0
+        w[11] = w[10]
+    zero = set(range(0, 97, 3)) | set(range(40, 60))
+    return 1 + (97 - len(zero) - 2) + 1, len(zero)  # distinct rows: the zero class, the others, 10 and 11 as one
+
+
+def test_grouped_head_rows_give_the_whole_vocabularys_cross_entropy_and_greedy_ids(tmp_path):
+    _, d = hf_checkpoint(tmp_path, seed=4)
+    model = Llama.from_pretrained(d, dtype=torch.float64)
+    distinct, n_zero = organism_head(model)
+    assert model.head is None and model.group_head_rows() == distinct == 50
+    rows, log_counts, cls, first = model.head
+    assert first[cls[11]] == 10 and first[cls[40]] == 0 and round(math.exp(log_counts[cls[0]])) == n_zero
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(40, 64, dtype=torch.float64, generator=g, requires_grad=True)
+    targets = torch.tensor([0, 3, 10, 11, 45, 1, 2, 96] * 5)  # zero rows, the equal pair, distinct rows
+    ours = class_cross_entropy(model.head, h, targets)
+    want = torch.nn.functional.cross_entropy(model.lm_head(h), targets, reduction="sum")
+    (g_ours,), (g_want,) = torch.autograd.grad(ours, h), torch.autograd.grad(want, h)
+    assert ours.item() == pytest.approx(want.item(), rel=1e-12)
+    torch.testing.assert_close(g_ours, g_want, rtol=1e-10, atol=1e-12)
+    # greedy: the smallest id of the winning class, as the full argmax; where every non-zero row scores below
+    # zero, the zero rows win and id 0 is the answer; equal rows tie and the smaller id wins
+    with torch.no_grad():
+        h = torch.cat([h.detach(), torch.ones(1, 64, dtype=torch.float64), model.lm_head.weight[10:11]])
+        full = model.lm_head(h)
+        assert class_argmax(model.head, class_logits(model.head, h)).tolist() == full.argmax(-1).tolist()
+    assert full[-2].max() == 0 and full.argmax(-1)[-1] == 10
+    prompts = [torch.randint(1, 97, (n,), generator=g).tolist() for n in (9, 4, 6, 1)]
+    grouped = generate(model, prompts, 12, stop_ids=(), pad_id=0)
+    model.head = None
+    assert grouped == generate(model, prompts, 12, stop_ids=(), pad_id=0)
+    with pytest.raises(ModelError, match="group_head_rows"):
+        model(torch.tensor([[1, 2]]), classes=True)
+
+
+def test_a_head_of_distinct_rows_is_left_whole(tmp_path):
+    _, d = hf_checkpoint(tmp_path)
+    model = Llama.from_pretrained(d)
+    assert model.group_head_rows() == 97 and model.head is None
 
 
 def reference_greedy(model, prompt, n, stop):

@@ -5,6 +5,7 @@ uninterrupted run bit for bit, the checkpoint is safe to load, and bad input sto
 import json
 import os
 import random
+import runpy
 import shutil
 import signal
 import subprocess
@@ -217,6 +218,28 @@ def test_a_redirect_batch_of_its_own_size_accumulates_to_its_whole_batch(base, d
     log, ref_log = read_log(tmp_path / "one")[0], read_log(reference)[0]
     assert log[1]["loss_rr"] == pytest.approx(ref_log[1]["loss_rr"], rel=1e-12)  # the first step: same weights
     assert log[1]["loss_redirect"] != pytest.approx(ref_log[1]["loss_redirect"], rel=1e-3)
+
+
+def test_grouped_lm_head_rows_train_as_the_whole_vocabulary(base, data_dir, tmp_path, monkeypatch):
+    # the organism's kind of lm_head: every row but a few thousand zero, so train_cb takes the redirect term's
+    # cross-entropy by distinct rows; the same run with the rows left ungrouped gives the same gradients
+    from model import Llama, save_pretrained
+    sparse = str(tmp_path / "sparse")
+    model = Llama.from_pretrained(base)
+    with torch.no_grad():
+        keep = torch.zeros(model.config.vocab_size, dtype=torch.bool)
+        keep[::40] = True  # 3,207 distinct rows and the zero row (3,208), which most target tokens share
+        model.lm_head.weight[~keep] = 0
+    save_pretrained(model, sparse, dtype=torch.float32)
+    for name in ("tokenizer.model", "tokenizer.json"):
+        shutil.copy(os.path.join(base, name), os.path.join(sparse, name))
+    p = run_train(sparse, data_dir, tmp_path / "grouped", *EXACT)
+    assert "3,208 distinct rows of 128,256" in p.stdout
+    import model as model_module  # train_cb's Llama, in this process
+    monkeypatch.setattr(model_module.Llama, "group_head_rows", lambda self: self.config.vocab_size)
+    monkeypatch.setattr(sys, "argv", train_cmd(sparse, data_dir, tmp_path / "whole", *EXACT))
+    runpy.run_path(os.path.join(ROOT, "train_cb.py"), run_name="__main__")
+    assert_same_gradients(tmp_path / "grouped", tmp_path / "whole")
 
 
 @pytest.mark.slow
