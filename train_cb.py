@@ -13,7 +13,6 @@ frozen states come from the same weights with the adapters switched off; step.py
 """
 
 import json
-import math
 import os
 import random
 import resource
