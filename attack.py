@@ -512,7 +512,10 @@ if __name__ == "__main__":
     model = ev.load_model(base_dir, info, dtype, device, source=ckpt)  # one model: the base is its adapters off
     model.requires_grad_(False)  # gradients go to the adversarial inputs only
     modes = ("base", "cb")[0 if base else 1:] if info else ("base",)
-    allowed, head = allowed_tokens(tok, model), head_classes(model.lm_head.weight)
+    # load_model grouped the lm_head's rows already where some repeat (the organism); a head of distinct rows
+    # is left whole there, and the attack still wants it as classes
+    head = model.head if model.head is not None else head_classes(model.lm_head.weight)
+    allowed = allowed_tokens(tok, model)
     eps = embed_budget(model, allowed)
     print(f"base {base_dir}" + (f"; checkpoint {ckpt} (step {info.get('step')})" if info else "; no checkpoint"))
     print(f"{len(injected)} injected cases of {cases_path}; {len(allowed)} candidate tokens; GCG: {n_adv} tokens, "
