@@ -20,8 +20,8 @@ torch.set_num_threads(1)
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: an end-to-end run in subprocesses (seconds to minutes)")
-    # The organism mission (test_organism.py) is about 400 s of one worker, and every other file together about as
-    # much. xdist queues files by their number of tests, which puts the mission last, after the other worker has
+    # The organism mission (test_organism.py) is about 300 s of one worker, and every other file together about
+    # 370 s. xdist queues files by their number of tests, which puts the mission last, after the other worker has
     # emptied the queue: keep the collection order below instead, so the mission starts at once beside the rest.
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
