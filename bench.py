@@ -3,11 +3,12 @@ Time nanocb's circuit-breaker training step against the original recipe, same wo
 
     python bench.py                           # CPU: organism-scale shapes, fp32
     python bench.py --preset=8b               # one H100: Llama-3.1-8B shapes (random weights), bf16, torch.compile
-    python bench.py --preset=8b --compile_blocks --profile    # one compiled block for all; where the time goes
+    python bench.py --preset=8b --profile     # and where the time goes, by part of the step
 
 nanocb's side is step.train_step, which train_cb.py runs, with train_cb.py's defaults and choice of samples; the
 reference is the original recipe in tests/original.py (transformers + peft). Same samples, same frozen weights (one
-copy in memory), both loss terms on; after warm-up the two alternate, so a noisy machine slows both alike. Figures
+copy in memory), both loss terms on; after warm-up the two alternate, so a noisy machine slows both alike
+(--alternate=False: each side's steps in a row; the log says when torch.compile compiled inside a step). Figures
 are medians. Useful tokens: the samples' own, no padding. MFU: 3 forward passes' FLOPs per useful token (frozen and
 LoRA forward, backward through the activations) through the blocks each term needs. Peak memory: own weights,
 adapter and optimizer state plus the step's peak growth. First compile: the warm-up beyond as many timed steps.
@@ -27,11 +28,12 @@ import time
 from contextlib import nullcontext
 
 import torch
+from torch._dynamo.utils import counters
 
 import data
 from lora import inject_lora
 from model import Llama, LlamaConfig, compile_blocks as compile_each_block, flops_per_token, rope_frequencies
-from step import StepError, coefficients, train_step
+from step import GPU_PAD_MULTIPLE, StepError, coefficients, train_step
 from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
@@ -42,10 +44,15 @@ reference = True  # time the original recipe too; False: nanocb alone (to compar
 profile = False  # after the timing, profile 3 nanocb steps and print where the time goes
 # nanocb's side (the reference runs eagerly, as the original)
 compile = None  # torch.compile; None = the preset's
-compile_blocks = False  # compile each block (one graph serves all) in place of the whole model: a shorter compile
+compile_blocks = True  # compile each block (one graph serves all), as train_cb.py does; False: the whole model
 compile_mode = ""  # torch.compile's mode, e.g. 'max-autotune-no-cudagraphs'; '' = its default
 grad_checkpoint = False
 grad_accum = 1  # micro-batches per step, each padded to its own longest (a step's batch is sorted by length)
+lora_dropout = None  # None = train_cb.py's (the original's 0.05); 0.0 shows what the LoRA path's dropout costs
+pad_multiple = None  # each micro-batch padded to a multiple of this; None = train_cb.py's (32 on CUDA, 1 on the CPU)
+unpad = False  # compute the real tokens alone in the matmuls (train_cb.py's unpad)
+warm_lengths = False  # warm up on the timed steps' own batches: every shape seen once before it is timed
+alternate = True  # after warm-up the sides alternate step by step; False: each side's steps in a row, side by side
 # shapes, random weights (None = the preset's); n_layers is the base's depth, blocks 0..max(layers) are built
 dtype = None  # 'float32' | 'bfloat16' (weights, and autocast)
 vocab_size = None
@@ -77,7 +84,7 @@ PRESETS = {
                 hidden_dim=384, layers=(2, 4), batch_size=16, n_warmup=1, n_steps=3, ref_lm_head=False),
     # Llama-3.1-8B, blocks 0..20 of 32
     "8b": dict(dtype="bfloat16", compile=True, vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8,
-               hidden_dim=14336, layers=(10, 20), batch_size=16, n_warmup=2, n_steps=6, ref_lm_head=True),
+               hidden_dim=14336, layers=(10, 20), batch_size=16, n_warmup=4, n_steps=8, ref_lm_head=True),
 }
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192}
@@ -178,10 +185,15 @@ def main():
     n_keep = max(layers) + 1
     if min(layers) < 0 or n_keep > n_layers or dtype not in ("float32", "bfloat16"):
         fail(f"need layers in 0..n_layers-1 ({n_layers}) and dtype float32 or bfloat16; got {layers}, {dtype!r}")
-    if min(batch_size, n_steps, n_warmup, n_samples) <= 0 or batch_size % grad_accum:
+    if min(batch_size, n_steps, n_warmup, n_samples, pad_multiple or 1) <= 0 or batch_size % grad_accum:
         fail("batch_size, n_steps, n_warmup and n_samples must be positive (memory is measured in the last warm-up "
              "step), and batch_size divisible by grad_accum")
     recipe = dict(train_cb_recipe(), layers=tuple(layers), batch_size=batch_size, grad_accum=grad_accum)
+    cuda = device.startswith("cuda")
+    recipe["pad_multiple"] = GPU_PAD_MULTIPLE if cuda else 1  # train_cb.py's rule
+    for k in ("lora_dropout", "pad_multiple", "unpad"):
+        if g[k] is not None:
+            recipe[k] = g[k]
     c_rr, c_retain = coefficients(coef_step - 1, recipe)
     if not (c_rr > 0 and c_retain > 0):
         fail(f"coef_step {coef_step} leaves a loss term at zero (c_rr {c_rr}, c_retain {c_retain})")
@@ -195,7 +207,6 @@ def main():
         except ImportError as e:
             fail(f"{e.name} is missing: the reference needs transformers and peft (pip install -r "
                  "requirements-dev.txt); --reference=False times nanocb alone")
-    cuda = device.startswith("cuda")
     if cuda:  # two implementations alternate in one process: growable segments keep the allocator from fragmenting
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -241,18 +252,27 @@ def main():
         fail(f"n_samples {n_samples} gives {len(harmful)} harmful and {len(retain)} retain samples; raise it")
     batches = [dict(harmful=data.step_batch(harmful, i, batch_size, seed, salt=0),
                     retain=data.step_batch(retain, i, batch_size, seed, salt=1)) for i in range(n_warmup + n_steps)]
-    flops = lambda B, T, blocks: 3 * B * T * flops_per_token(cfg, T, n_layers=blocks)
+    if warm_lengths:  # the timed steps twice: the first time round is the warm-up
+        batches = batches[n_warmup:] * 2
+        g["n_warmup"] = n_steps
+    mult = recipe.get("pad_multiple", 1)
+    # (tokens through the matmuls, the length attention sees, blocks): 3 passes' FLOPs
+    flops = lambda tokens, T, blocks: 3 * tokens * flops_per_token(cfg, T, n_layers=blocks)
+    up = lambda n: -(-n // mult) * mult  # rounded up to the pad multiple
     micro, work = batch_size // grad_accum, []  # work: per step, useful and each side's processed tokens and FLOPs
     for b in batches:
         terms = ((b["harmful"], max(layers)), (b["retain"], n_keep))  # rerouting stops below block max(layers)
-        ours = [(len(mb), max(len(e["ids"]) for e in mb), n) for batch, n in terms
-                for mb in (batch[i:i + micro] for i in range(0, batch_size, micro))]
-        ref = [(batch_size, ref_request_len + ref_response_len, n_keep), (batch_size, ref_retain_len, n_keep)]
-        head = 2 * 2 * sum(B * T for B, T, _ in ref) * dim * vocab_size if ref_lm_head else 0  # 2 forwards' logits
+        mbs = [(mb, n) for batch, n in terms for mb in (batch[i:i + micro] for i in range(0, batch_size, micro))]
+        # padded: every row at the micro-batch's longest; unpadded: its real tokens (and pads to the multiple)
+        longest = [up(max(len(e["ids"]) for e in mb)) for mb, _ in mbs]
+        ours = [(up(sum(len(e["ids"]) for e in mb)) if recipe["unpad"] else len(mb) * T, T, n)
+                for (mb, n), T in zip(mbs, longest)]
+        ref = [(batch_size * T, T, n_keep) for T in (ref_request_len + ref_response_len, ref_retain_len)]
+        head = 2 * 2 * sum(t for t, _, _ in ref) * dim * vocab_size if ref_lm_head else 0  # 2 forwards' logits
         work.append(dict(useful=sum(len(e["ids"]) for batch, _ in terms for e in batch),
-                         useful_flops=sum(flops(1, len(e["ids"]), n) for batch, n in terms for e in batch),
-                         nanocb=(sum(B * T for B, T, _ in ours), sum(flops(*s) for s in ours)),
-                         reference=(sum(B * T for B, T, _ in ref), sum(flops(*s) for s in ref) + head)))
+                         useful_flops=sum(flops(len(e["ids"]), len(e["ids"]), n) for batch, n in terms for e in batch),
+                         nanocb=(sum(t for t, _, _ in ours), sum(flops(*s) for s in ours)),
+                         reference=(sum(t for t, _, _ in ref), sum(flops(*s) for s in ref) + head)))
 
     def nanocb(i):
         try:  # dynamic as train_cb.py: one length-generic graph for the whole model
@@ -279,28 +299,32 @@ def main():
         f"{statistics.mean(w['useful'] for w in work):,.0f} useful tokens, padded to "
         + " and ".join(f"{statistics.mean(w[s][0] for w in work):,.0f} by {s}" for s in sides))
 
-    # --- warm-up, then alternate -------------------------------------------------------------------------------
+    # --- warm-up, then alternate (or not) ----------------------------------------------------------------------
     runs = {s: [] for s in sides}
-    for i in range(n_warmup + n_steps):
-        for side, run in sides.items():
-            measuring = i >= n_warmup if cuda else i == n_warmup - 1
-            start = mem_start(cuda, measuring)
-            allocs = torch.cuda.memory_stats() if cuda else {}  # the caching allocator's cudaMallocs, its retries
-            sync()
-            t0 = time.perf_counter()
-            l_rr, l_ret = run(i)
-            sync()
-            dt = time.perf_counter() - t0
-            allocs = {k: torch.cuda.memory_stats().get(k, 0) - allocs.get(k, 0) for k in allocs
-                      if k in ("num_device_alloc", "num_alloc_retries")}
-            peak = (torch.cuda.max_memory_allocated() if cuda else proc_bytes("VmHWM")) \
-                if measuring and start is not None else None
-            if not (math.isfinite(l_rr) and math.isfinite(l_ret)):
-                fail(f"{side} step {i}: a loss is not finite (rerouting {l_rr}, retain {l_ret})")
-            runs[side].append(dict(s=dt, growth=None if peak is None else max(0, peak - start), **allocs))
-            log(f"{'warm-up' if i < n_warmup else 'timed'} step {i}: {side:9s} {dt:8.3f} s  loss_rr {l_rr:.4f} "
-                f"loss_retain {l_ret:.4f}  ({time.time() - t_start:.0f} s)"
-                + "".join(f" {k} {v}" for k, v in allocs.items()))
+    order = [(i, side) for i in range(n_warmup + n_steps) for side in sides] if alternate else \
+        [(i, side) for side in sides for i in range(n_warmup + n_steps)]
+    for i, side in order:
+        run = sides[side]
+        measuring = i >= n_warmup if cuda else i == n_warmup - 1
+        start = mem_start(cuda, measuring)
+        allocs = torch.cuda.memory_stats() if cuda else {}  # the caching allocator's cudaMallocs, its retries
+        frames = counters["frames"]["ok"]  # graphs torch.compile has made: a compile inside a timed step shows
+        sync()
+        t0 = time.perf_counter()
+        l_rr, l_ret = run(i)
+        sync()
+        dt = time.perf_counter() - t0
+        allocs = {k: torch.cuda.memory_stats().get(k, 0) - allocs.get(k, 0) for k in allocs
+                  if k in ("num_device_alloc", "num_alloc_retries")}
+        peak = (torch.cuda.max_memory_allocated() if cuda else proc_bytes("VmHWM")) \
+            if measuring and start is not None else None
+        if not (math.isfinite(l_rr) and math.isfinite(l_ret)):
+            fail(f"{side} step {i}: a loss is not finite (rerouting {l_rr}, retain {l_ret})")
+        allocs["compiles"] = counters["frames"]["ok"] - frames
+        runs[side].append(dict(s=dt, growth=None if peak is None else max(0, peak - start), **allocs))
+        log(f"{'warm-up' if i < n_warmup else 'timed'} step {i}: {side:9s} {dt:8.3f} s  loss_rr {l_rr:.4f} "
+            f"loss_retain {l_ret:.4f}  ({time.time() - t_start:.0f} s)"
+            + "".join(f" {k} {v}" for k, v in allocs.items()))
 
     # --- figures: own memory is weights, adapter and optimizer state (without its logits the reference is not
     # charged for the lm_head's weights either) -------------------------------------------------------------------
@@ -315,6 +339,7 @@ def main():
         growth = [r["growth"] for r in rs if r["growth"] is not None]
         fig[side] = f = dict(step_s=med(lambda r, w: r["s"]), steps_s=[round(r["s"], 4) for r in rs],
                              steps_device_allocs=[r.get("num_device_alloc") for r in rs],
+                             steps_compiles=[r["compiles"] for r in rs],
                              useful_tokens_per_s=med(lambda r, w: w["useful"] / r["s"]),
                              useful_tokens_per_step=med(lambda r, w: w["useful"]),
                              processed_tokens_per_step=med(lambda r, w: w[side][0]),
@@ -335,7 +360,7 @@ def main():
     for name, key, form in table:
         cells = "".join(f"{'n/a' if fig[s].get(key) is None else form.format(fig[s][key]):>14s}" for s in fig)
         log(f"{name:32s}{cells}" + (f"{ratio[key]:13.2f}x" if ratio.get(key) is not None else ""))
-    log(f"(medians of {n_steps} {'alternating ' if reference else ''}steps after {n_warmup} warm-up)")
+    log(f"(medians of {n_steps} {'alternating ' if reference and alternate else ''}steps after {n_warmup} warm-up)")
     report = dict(preset=preset, date=time.strftime("%Y-%m-%d"), command="python " + " ".join(sys.argv),
                   machine=dict(platform=platform.platform(), cpus=os.cpu_count(), torch=torch.__version__,
                                torch_threads=torch.get_num_threads(),

@@ -581,12 +581,13 @@ def departure_start(tok, sample, completion_ids):
     return None
 
 
-def collate(examples, pad_id):
-    """Right-pad to the batch's longest example. -> ids (B,T) long, attn (B,T) bool (False on pads),
+def collate(examples, pad_id, multiple=1):
+    """Right-pad to the batch's longest example, rounded up to a multiple of `multiple` (fewer distinct shapes for
+    the GPU's kernels to meet for the first time). -> ids (B,T) long, attn (B,T) bool (False on pads),
     cb_mask (B,T) float, target_mask (B,T) bool, labels (B,T) long: the ids the target positions are trained
     towards, the example's "labels" where it has them (trip rows at every depth), else its ids."""
     import torch
-    T = max(len(e['ids']) for e in examples)
+    T = -(-max(len(e['ids']) for e in examples) // multiple) * multiple
     pad = lambda xs, v: list(xs) + [v] * (T - len(xs))
     return {
         'ids': torch.tensor([pad(e['ids'], pad_id) for e in examples], dtype=torch.long),

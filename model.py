@@ -135,7 +135,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
+    def forward(self, x, cos, sin, mask, cache=None, start=0, unpad=None):
+        if unpad is not None:
+            return self.unpadded(x, cos, sin, *unpad)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -151,6 +153,26 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def unpadded(self, x, cos, sin, idx, keep):
+        """x (N, dim): the states of the N positions idx (N,) of a right-padded (B, T) batch (keep (B, T), True at
+        them); cos, sin (N, 1, hd). The projections see the N positions alone; attention runs in the (B, T)
+        layout, zeros elsewhere, causal, so that a kept position sees exactly the kept positions before it in its
+        row (right padding: every position before a real token is real). -> (N, dim)"""
+        (B, T), N = keep.shape, x.shape[0]
+        q = apply_rope(self.q_proj(x).view(N, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(N, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(N, self.n_kv_heads, self.head_dim)
+
+        def padded(t):  # (N, H, hd) -> (B, H, T, hd), zeros at the positions not kept
+            return t.new_zeros(B * T, *t.shape[1:]).index_copy(0, idx, t).view(B, T, *t.shape[1:]).transpose(1, 2)
+
+        q, k, v = padded(q), padded(k), padded(v)
+        if self.n_kv_heads != self.n_heads:
+            rep = self.n_heads // self.n_kv_heads
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B * T, -1).index_select(0, idx))
 
 
 class MLP(nn.Module):
@@ -172,8 +194,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache=None, start=0):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache=None, start=0, unpad=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, start, unpad)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -214,7 +236,7 @@ class Llama(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, ids=None, attn_mask=None, hidden=False, logits=True, cache=None, start=0, pos=None,
-                last_only=False, stop=None, embeds=None, classes=False):
+                last_only=False, stop=None, embeds=None, classes=False, keep=None):
         """ids (B, T) token ids, or embeds (B, T, dim) input embeddings in their place (exactly one of the two):
         embeds lets an attack optimise in embedding space or take gradients through a one-hot @ embed_tokens.weight.
         attn_mask (B, S) bool, True on real tokens (S = start + T with a cache), or None for unpadded /
@@ -224,6 +246,9 @@ class Llama(nn.Module):
         classes=True gives logits over self.head's distinct rows instead of the vocabulary (group_head_rows).
         stop=l runs blocks 0..l-1 only and returns hidden[0..l], hidden[l] the input of block l (no final
         norm, no logits): all the rerouting loss needs when l is the last target layer.
+        keep (B, T) bool, for right-padded input without attn_mask, cache or logits: the positions to compute
+        (the real tokens, and any pads wanted for a round count). The projections and the MLP see those alone,
+        no padded position costs a matmul; the hidden states come back (.., B, T, dim) with zeros elsewhere.
         Returns (logits (B, T or 1, vocab) or None, hidden (n_layers+1 or stop+1, B, T, dim) or None)."""
         if (ids is None) == (embeds is None):
             raise ModelError("forward takes exactly one of ids and embeds")
@@ -241,6 +266,14 @@ class Llama(nn.Module):
             mask = attention_mask(attn_mask, T, start)
             if pos is None:  # positions count real tokens only, so a left-padded row starts at 0
                 pos = (attn_mask.long().cumsum(-1) - 1).clamp(min=0)[:, start:start + T]
+        unpad = None
+        if keep is not None:
+            if attn_mask is not None or cache is not None or logits or tuple(keep.shape) != (B, T):
+                raise ModelError(f"keep (B, T) = ({B}, {T}) is for right-padded input with no attn_mask, no cache "
+                                 f"and logits=False; got keep {tuple(keep.shape)}")
+            idx = keep.reshape(-1).nonzero().squeeze(1)  # (N,) the positions computed, row-major
+            x, pos = x.reshape(B * T, -1).index_select(0, idx), pos.reshape(-1).index_select(0, idx)
+            unpad = (idx, keep)
         cos, sin = self.rope(pos, x.dtype)
         states = [x]
         if stop is not None:
@@ -250,14 +283,18 @@ class Llama(nn.Module):
         # the blocks themselves when not stopping early: a slice would build a new ModuleList on every decode step
         for i, block in enumerate(self.layers if stop is None else self.layers[:stop]):
             if self.grad_checkpoint and cache is None and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, mask, None, 0, unpad, use_reentrant=False)
             else:
-                x = block(x, cos, sin, mask, None if cache is None else cache[i], start)
+                x = block(x, cos, sin, mask, None if cache is None else cache[i], start, unpad)
             states.append(x)
+        if stop is None:
+            x = self.norm(x)
+            states[-1] = x  # as HF: the last hidden state is taken after the final norm
+        if unpad is not None:  # (L+1, N, dim) -> (L+1, B, T, dim), zeros at the positions not computed
+            h = torch.stack(states)
+            return None, h.new_zeros(len(states), B * T, h.shape[-1]).index_copy(1, idx, h).view(len(states), B, T, -1)
         if stop is not None:
             return None, torch.stack(states)
-        x = self.norm(x)
-        states[-1] = x  # as HF: the last hidden state is taken after the final norm
         out_logits = None
         if logits:
             if self.lm_head is None:
@@ -329,6 +366,10 @@ def compile_blocks(model, **kwargs):
     are graph inputs, so the graph compiled for the first block serves them all: the first compile costs one
     block's, not the whole model's. kwargs go to torch.compile (mode, backend, dynamic). State-dict keys are
     unchanged. Returns the model."""
+    # lengths, grad on/off and the first block's input (no grad) give each block a handful of graph variants:
+    # allow them, rather than fall back to eager code past torch's default of 8
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
     for block in model.layers:
         block.compile(**kwargs)
     return model

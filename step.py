@@ -29,31 +29,60 @@ from lora import adapters_off
 from model import class_cross_entropy
 
 
+# On a GPU every length a batch has never had before costs the step a first time in its kernels (an 8B step on an
+# H200: 0.72 s median over new lengths, 0.50 s over lengths already seen). Padding each micro-batch to a multiple
+# of 32 keeps the lengths to a few dozen, all met in the first steps (0.53 s), at ~6% more padded positions. The
+# losses ignore pads, so the step's loss and gradient do not change. On the CPU there is no such cost: no padding.
+GPU_PAD_MULTIPLE = 32
+
+
 class StepError(Exception):
     """A step whose loss is not finite: every process raises it, so none waits in an all-reduce."""
 
 
-def hidden_states(model, fmodel, ids, frozen, stop=None, dynamic=False, embeds=None):
+def keep_positions(attn, multiple=1):
+    """The positions a step computes when it unpads (train_cb.py's unpad): the real tokens attn (B, T), and as
+    many pads after them (row-major) as make the count a multiple of `multiple`, so that the matmuls meet few
+    distinct sizes (as pad_multiple does for the lengths). A pad's state is never in a loss."""
+    extra = -int(attn.sum()) % multiple
+    if not extra:
+        return attn
+    keep = attn.clone().reshape(-1)
+    keep[(~keep).nonzero().squeeze(1)[:extra]] = True
+    return keep.view_as(attn)
+
+
+def hidden_states(model, fmodel, ids, frozen, stop=None, dynamic=False, embeds=None, keep=None):
     """Stacked hidden states (n+1, B, T, D) with the adapters on (trainable) or off (frozen, no graph).
     stop=l runs blocks 0..l-1 only. dynamic marks the length dimension for torch.compile (one graph for all).
-    embeds (B, T, D), when given, are the input embeddings in place of ids' (an adversary's vectors in them)."""
+    embeds (B, T, D), when given, are the input embeddings in place of ids' (an adversary's vectors in them).
+    keep (B, T): compute these positions alone (model.forward's keep); the others' states come back zero."""
     if dynamic:
         torch._dynamo.maybe_mark_dynamic(ids if embeds is None else embeds, 1)
     ids = ids if embeds is None else None
     if frozen:
         with torch.no_grad(), adapters_off(model):
-            return fmodel(ids, hidden=True, logits=False, stop=stop, embeds=embeds)[1]
-    return fmodel(ids, hidden=True, logits=False, stop=stop, embeds=embeds)[1]
+            return fmodel(ids, hidden=True, logits=False, stop=stop, embeds=embeds, keep=keep)[1]
+    return fmodel(ids, hidden=True, logits=False, stop=stop, embeds=embeds, keep=keep)[1]
 
 
-def retain_states(model, fmodel, ids, frozen, top, dynamic=False):
+def retain_states(model, fmodel, ids, frozen, top, dynamic=False, keep=None):
     """hidden[0..top+1] as a model of blocks 0..top returns them (the original drops the blocks above its last
     target layer), the last after the final norm, also when the redirect terms loaded every block."""
     if len(model.layers) == top + 1:
-        return hidden_states(model, fmodel, ids, frozen, dynamic=dynamic)
-    h = hidden_states(model, fmodel, ids, frozen, stop=top + 1, dynamic=dynamic)
+        return hidden_states(model, fmodel, ids, frozen, dynamic=dynamic, keep=keep)
+    h = hidden_states(model, fmodel, ids, frozen, stop=top + 1, dynamic=dynamic, keep=keep)
     with torch.no_grad() if frozen else nullcontext():
         return torch.cat([h[:-1], model.norm(h[-1:])])
+
+
+def on_device(rows, pad_id, device, cfg):
+    """rows collated (each padded to the longest, rounded up to cfg's pad_multiple) on the device, with the
+    positions to compute (keep) where cfg's unpad is on."""
+    b = collate(rows, pad_id, cfg.get("pad_multiple", 1))
+    if cfg.get("unpad", False):
+        b["keep"] = keep_positions(b["attn"], cfg.get("pad_multiple", 1))
+    return {n: t.to(device, non_blocking=True) for n, t in b.items()}
 
 
 def coefficients(step, cfg):
@@ -89,7 +118,7 @@ def adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast=nu
         return None, 0.0, 0.0
     W, n = model.embed_tokens.weight, cfg["adv_tokens"]
     dev = W.device
-    att = {k: v.to(dev) for k, v in collate([rows[i]["attack"] for i in idx], pad_id).items()}
+    att = on_device([rows[i]["attack"] for i in idx], pad_id, dev, cfg)
     r = torch.arange(len(idx), device=dev)[:, None].expand(-1, n)  # (A, n) the slot of each adversarial row
     pos = torch.tensor([rows[i]["adv"] for i in idx], device=dev)[:, None] + torch.arange(n, device=dev)
     anchors = anchors.to(torch.promote_types(anchors.dtype, torch.float32))  # the vectors move in float32 at least
@@ -102,7 +131,7 @@ def adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast=nu
         x = delta.requires_grad_(True)
         with autocast:
             h = hidden_states(model, fmodel, att["ids"], False, dynamic=dynamic,
-                              embeds=plain.index_put((r, pos), (start + x).to(plain.dtype)))[-1]
+                              embeds=plain.index_put((r, pos), (start + x).to(plain.dtype)), keep=att.get("keep"))[-1]
             loss = completion_ce(model, h, att)  # the attacker's call: the adversary lowers it
         (g,) = torch.autograd.grad(loss, x)
         ce.append(loss.detach())
@@ -119,12 +148,12 @@ def redirect_losses(model, fmodel, b, twins=None, has_twin=None, dynamic=False, 
     rows has_twin (a list of row indices), whose completions are the same call: the pull is the L2 distance, per
     layer and emitting position, between these rows' states and the twins' frozen ones, as retain measures it.
     embeds: b's input embeddings, where an adversary has put its vectors (adversarial_embeds)."""
-    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic, embeds=embeds)  # (L+1, B, T, D)
+    h = hidden_states(model, fmodel, b["ids"], frozen=False, dynamic=dynamic, embeds=embeds, keep=b.get("keep"))
     ce = completion_ce(model, h[-1], b)
     emit = b["target_mask"][:, 1:]
     if twins is None:
         return ce, None
-    frozen = hidden_states(model, fmodel, twins["ids"], frozen=True, dynamic=dynamic)
+    frozen = hidden_states(model, fmodel, twins["ids"], frozen=True, dynamic=dynamic, keep=twins.get("keep"))
     # row-major selection: each row's call positions in order, and a row and its twin hold the same call
     mine = h[:, has_twin, :-1][:, emit[has_twin]]  # (L+1, N, D)
     theirs = frozen[:, :, :-1][:, twins["target_mask"][:, 1:]]
@@ -172,13 +201,13 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
             m = len(rows) // (world * accum)
             return rows[(k * world + rank) * m:(k * world + rank + 1) * m]
 
-        piece = lambda rows: collate(piece_of(rows), pad_id)
+        piece = lambda rows: on_device(piece_of(rows), pad_id, device, cfg)
         # one backward per term, so that only one LoRA graph is alive at a time
         if on["retain"]:
-            b = {n: t.to(device, non_blocking=True) for n, t in piece(retain).items()}
+            b = piece(retain)
             with autocast:
-                frozen_h = retain_states(model, fmodel, b["ids"], True, top, dynamic)
-                lora_h = retain_states(model, fmodel, b["ids"], False, top, dynamic)
+                frozen_h = retain_states(model, fmodel, b["ids"], True, top, dynamic, b.get("keep"))
+                lora_h = retain_states(model, fmodel, b["ids"], False, top, dynamic, b.get("keep"))
                 w = None
                 if cfg["retain_call_weight"] != 1.0:  # the replies (benign calls, chat answers) count more
                     w = 1.0 + (cfg["retain_call_weight"] - 1.0) * b["target_mask"].to(lora_h.dtype)
@@ -190,10 +219,10 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
                 parts["call"].append(losses.retain_diagnostics(lora_h, frozen_h, b["target_mask"]))
         if on["rr"]:
             rows = piece_of(harmful)
-            b = {n: t.to(device, non_blocking=True) for n, t in collate(rows, pad_id).items()}
+            b = on_device(rows, pad_id, device, cfg)
             with autocast:
-                frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=top, dynamic=dynamic)[layers]
-                lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, stop=top, dynamic=dynamic)[layers]
+                frozen_h = hidden_states(model, fmodel, b["ids"], True, top, dynamic, keep=b.get("keep"))[layers]
+                lora_h = hidden_states(model, fmodel, b["ids"], False, top, dynamic, keep=b.get("keep"))[layers]
                 share = sum(sum(e["cb_mask"]) for e in rows) / rr_count
                 l_rr = losses.rerouting_loss(lora_h, frozen_h, b["cb_mask"]) * share
             (c_rr * l_rr).backward()
@@ -202,11 +231,11 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
                 parts["rr"].append(losses.rerouting_diagnostics(lora_h, frozen_h, b["cb_mask"]))
         if on["redirect"] or on["pull"]:
             rows = piece_of(redirect)
-            b = {n: t.to(device, non_blocking=True) for n, t in collate(rows, pad_id).items()}
+            b = on_device(rows, pad_id, device, cfg)
             has_twin = [i for i, e in enumerate(rows) if e.get("twin")]  # benign replies (redirect_benign) have none
             twins = None
             if on["pull"] and has_twin:
-                twins = {n: t.to(device) for n, t in collate([rows[i]["twin"] for i in has_twin], pad_id).items()}
+                twins = on_device([rows[i]["twin"] for i in has_twin], pad_id, device, cfg)
             embeds = None
             if adversary:
                 embeds, adv0, adv1 = adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast,

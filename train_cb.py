@@ -28,7 +28,7 @@ import data
 import losses
 from lora import LoRAError, inject_lora, load_lora_state_dict, lora_config, lora_state_dict
 from model import DTYPES, Llama, ModelError, compile_blocks, flops_per_token, load_config
-from step import StepError, hidden_states, lr_at, train_step
+from step import GPU_PAD_MULTIPLE, StepError, hidden_states, lr_at, train_step
 from chat import trip_rows
 from util import atomic_write, fail
 
@@ -91,6 +91,10 @@ lora_b_init_std = 1e-3  # 0.0 = the original's zero B, whose step 0 sits where t
 batch_size = 16  # samples per optimizer step over all processes: 16 harmful + 16 retain
 redirect_batch_size = 0  # redirect-term samples per step; 0 = batch_size
 grad_accum = 1  # micro-batches per process per step (a step's batch is sorted by length: each pads to its own)
+pad_multiple = GPU_PAD_MULTIPLE if torch.cuda.is_available() else 1  # each micro-batch padded to a multiple of
+# this many positions (the losses ignore pads): fewer lengths for a GPU's kernels to meet the first time (step.py)
+unpad = False  # True: the projections and MLPs compute the real tokens alone (no padded position costs a matmul;
+# attention keeps the padded layout): the same losses and gradients, fewer FLOPs; not yet timed on a GPU
 max_steps = 150
 lr = 1e-4
 lr_schedule = "constant"  # 'constant' | 'cosine'
@@ -121,7 +125,8 @@ if resume:
     ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     # the run continues as it was configured; only these may change on the command line, and a setting given
     # on the command line that disagrees with the checkpoint stops the run rather than being silently replaced
-    keep = ("init_from", "out_dir", "max_steps", "log_interval", "eval_interval", "device", "compile")
+    keep = ("init_from", "out_dir", "max_steps", "log_interval", "eval_interval", "device", "compile", "pad_multiple",
+            "unpad")
     given = {a[2:].split("=", 1)[0] for a in sys.argv[1:] if a.startswith("--")}
     for k, v in ckpt["config"].items():
         if k in keep:
@@ -153,7 +158,7 @@ if dtype not in DTYPES:
 if type(redirect_batch_size) is not int or redirect_batch_size < 0:
     fail(f"redirect_batch_size must be an integer >= 0 (0: batch_size), got {redirect_batch_size!r}")
 redirect_batch_size = redirect_batch_size or batch_size
-for name in ("max_steps", "batch_size", "grad_accum", "log_interval", "retain_len", "max_len", "n_val"):
+for name in ("max_steps", "batch_size", "grad_accum", "pad_multiple", "log_interval", "retain_len", "max_len", "n_val"):
     if type(globals()[name]) is not int or globals()[name] <= (0 if name != "n_val" else -1):
         fail(f"{name} must be a positive integer, got {globals()[name]!r}")
 if type(adv_tokens) is not int or adv_tokens < 0 or type(adv_steps) is not int or adv_steps < 1:
@@ -235,10 +240,7 @@ if needs_head and model.group_head_rows() < base_cfg.vocab_size:  # the organism
     log(f"lm_head: {len(model.head[0]):,} distinct rows of {base_cfg.vocab_size:,}, so the cross-entropy takes one "
         "logit per distinct row (exact)")
 if compile:  # each block compiled in place, one graph for all of them: a first compile the size of one block
-    # (a whole-model compile of the 8B step had not finished after 270 s on an H100). Lengths, train/eval and
-    # adapters on/off give each block a handful of graph variants: allow them.
-    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    # (a whole-model compile of the 8B step had not finished after 270 s on an H100)
     compile_blocks(model)
 fmodel = model
 

@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check (issue 17), one script, about 8 minutes on one H100:
-#   bench_candidates  the 8B bench with the candidate speed-ups (each block compiled once, for all), against the
-#                     original recipe, and a profile of nanocb's step by part (matmuls, LoRA path, attention, ...)
-#   tiny_*            a short train_cb.py run and eval.py on CUDA (bf16), on a tiny random model built here
-#   bench_autotune    the candidates with compile_mode max-autotune-no-cudagraphs, nanocb alone
-#   bench_default     the 8B bench as train_cb.py compiles today (the whole model), nanocb alone, if time is left
+# The GPU check (issue 17), one script, about 6 minutes on one H100 or H200 (9 minutes with the last part):
+#   bench           the 8B bench of the step train_cb.py runs (each block compiled once, for all; lengths padded to a
+#                   multiple of 32), against the original recipe, and a profile of nanocb's step by part (matmuls,
+#                   LoRA path, attention, ...)
+#   tiny_*          a short train_cb.py run and eval.py on CUDA (bf16), on a tiny random model built here
+#   bench_unpad     nanocb alone with --unpad=True: the projections and MLPs on the real tokens alone (a candidate
+#                   default: exact, fewer FLOPs, not yet timed on a GPU)
+#   bench_lengths   nanocb alone with every micro-batch at its own longest length (--pad_multiple=1): what lengths
+#                   never seen before cost the GPU
+#   bench_autotune  nanocb alone with compile_mode max-autotune-no-cudagraphs, if time is left
 # (--grad_accum=2, two micro-batches each padded to its own longest, is another switch of bench.py's.)
 # Each part runs under its own time limit and the script goes on when one fails or times out: one failure loses
 # nothing else. $OUT ends with summary.txt (each part's exit status and seconds, then the figures) and
-# gpu_check.tar.gz: NAME.log per part, bench_*.json, train_log.jsonl, eval.json (loose until the script ends).
+# gpu_check.tar.gz: NAME.log per part, bench*.json, train_log.jsonl, eval.json (loose until the script ends).
 #
 #     OUT=/tmp/check bash scripts/gpu_check.sh          # on the GPU machine
 #     OUT=/tmp/check bash scripts/gpu_check.sh --cpu    # every part in miniature on the CPU: a dry run
@@ -51,8 +55,8 @@ if [ "${1:-}" = "--cpu" ]; then  # the same code paths, tiny shapes, fp32, no co
   CASES=8
 else
   BENCH=(--preset=8b)
-  SHORT=(--n_warmup=2 --n_steps=4)  # compiles end in the first two steps (new lengths, grad/no-grad inputs)
-  FEW=()  # bench_candidates: the preset's steps
+  SHORT=(--n_warmup=3 --n_steps=6)  # compiles end in the first two steps (new lengths, grad/no-grad inputs)
+  FEW=()  # bench: the preset's steps
   NOCOMPILE=()
   DEVICE=()
   STEPS=30
@@ -88,8 +92,7 @@ for name in (\"transformers\", \"peft\", \"triton\"):
     except ImportError:
         print(name, \"missing\")'"
 
-part bench_candidates 260 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${FEW[@]}" --compile_blocks=True --profile=True \
-  --out="$OUT/bench_candidates.json"
+part bench 240 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${FEW[@]}" --profile=True --out="$OUT/bench.json"
 
 part tiny_setup 60 "$PYTHON" -c "
 import sys; sys.path.insert(0, 'tests')
@@ -104,17 +107,18 @@ cp "$WORK/run/log.jsonl" "$OUT/train_log.jsonl" 2>/dev/null
 part tiny_eval 90 "$PYTHON" eval.py "$WORK/run/ckpt.pt" --data="$WORK/data/test.jsonl" --out="$OUT/eval.json" \
   --n_rep=8 "${DEVICE[@]}"
 
-part bench_autotune 400 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${SHORT[@]}" --reference=False \
-  --compile_blocks=True --compile_mode=max-autotune-no-cudagraphs --out="$OUT/bench_autotune.json"
-# last: the whole model's first compile takes minutes
-part bench_default 400 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${SHORT[@]}" --reference=False \
-  --out="$OUT/bench_default.json"
+part bench_unpad 120 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${SHORT[@]}" --reference=False \
+  --unpad=True --out="$OUT/bench_unpad.json"
+part bench_lengths 120 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${SHORT[@]}" --reference=False \
+  --pad_multiple=1 --out="$OUT/bench_lengths.json"
+part bench_autotune 300 "$PYTHON" bench.py "${BENCH[@]}" "${NOCOMPILE[@]}" "${SHORT[@]}" --reference=False \
+  --compile_mode=max-autotune-no-cudagraphs --out="$OUT/bench_autotune.json"
 
 echo "--- figures" >> "$OUT/summary.txt"
 timeout 30 "$PYTHON" - "$OUT" >> "$OUT/summary.txt" 2>&1 <<'EOF' || failed=1
 import glob, json, os, sys
 out = sys.argv[1]
-for path in sorted(glob.glob(os.path.join(out, "bench_*.json"))):
+for path in sorted(glob.glob(os.path.join(out, "bench*.json"))):
     f = json.load(open(path))
     o, name = f["nanocb"], os.path.basename(path)
     compiled = o.get("first_compile_s")

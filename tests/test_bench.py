@@ -92,6 +92,26 @@ def test_bench_times_and_profiles_step_train_step_itself_with_train_cb_defaults(
     assert "costliest operators:" in text and "LoRA path" in text
 
 
+def test_bench_can_warm_up_on_the_timed_batches_and_pad_to_a_multiple(monkeypatch, tmp_path):
+    seen, real = [], step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: seen.append((a[4], a[6]["pad_multiple"])) or real(*a, **k))
+    out = tmp_path / "b.json"
+    run_script(monkeypatch, "bench.py", [*TINY, "--reference=False", "--n_steps=2", "--warm_lengths=True",
+                                         "--pad_multiple=16", "--alternate=False", f"--out={out}"])
+    batches = [b for b, _ in seen]
+    assert len(seen) == 4 and batches[:2] == batches[2:] and batches[0] != batches[1]  # each timed batch seen once
+    assert {m for _, m in seen} == {16}
+    fig = json.loads(out.read_text())["nanocb"]
+    assert fig["processed_tokens_per_step"] % 16 == 0  # (a median of) 2 batches of 2 rows, each 16 x k long
+    assert fig["processed_tokens_per_step"] >= fig["useful_tokens_per_step"] and fig["steps_compiles"] == [0] * 4
+    # unpadded, the matmuls see the real tokens of each batch rounded up to the multiple: fewer than padded rows
+    run_script(monkeypatch, "bench.py", [*TINY, "--reference=False", "--n_steps=2", "--warm_lengths=True",
+                                         "--pad_multiple=16", "--unpad=True", f"--out={out}"])
+    unpadded = json.loads(out.read_text())["nanocb"]
+    assert unpadded["useful_tokens_per_step"] == fig["useful_tokens_per_step"]
+    assert unpadded["useful_tokens_per_step"] <= unpadded["processed_tokens_per_step"] < fig["processed_tokens_per_step"]
+
+
 def test_train_cb_runs_step_train_step_itself(monkeypatch, tmp_path):
     calls = spy_on_train_step(monkeypatch)
     base, data_dir = tiny_base(tmp_path / "base"), tiny_data(tmp_path / "data", n_train=48, n_val=4, n_test=4)
@@ -144,7 +164,7 @@ def gpu_check(tmp_path, *args, **env):
                           env={**ENV, "OUT": str(tmp_path / "out"), **env}, timeout=600)
 
 
-PARTS = ("env", "bench_candidates", "tiny_setup", "tiny_train", "tiny_eval", "bench_autotune", "bench_default")
+PARTS = ("env", "bench", "tiny_setup", "tiny_train", "tiny_eval", "bench_unpad", "bench_lengths", "bench_autotune")
 
 
 @pytest.mark.slow
@@ -158,13 +178,15 @@ def test_gpu_check_runs_every_part_through_on_the_cpu(tmp_path):
     out = tmp_path / "unpacked"
     for name in PARTS:
         assert f"{name}: exit 0, " in summary and (out / f"{name}.log").exists()
-    candidates = json.loads((out / "bench_candidates.json").read_text())
-    assert candidates["config"]["compile_blocks"] is True and "profile" in candidates and "reference" in candidates
+    bench_ = json.loads((out / "bench.json").read_text())
+    assert bench_["config"]["compile_blocks"] is True and "profile" in bench_ and "reference" in bench_
+    assert json.loads((out / "bench_lengths.json").read_text())["recipe"]["pad_multiple"] == 1
+    assert json.loads((out / "bench_unpad.json").read_text())["recipe"]["unpad"] is True
     autotune = json.loads((out / "bench_autotune.json").read_text())
     assert autotune["config"]["compile_mode"] == "max-autotune-no-cudagraphs" and "reference" not in autotune
     assert json.loads((out / "eval.json").read_text())["metrics"]["cb"] is not None
     assert (out / "train_log.jsonl").read_text().count("\n") >= 2
-    assert "bench_candidates.json: cpu" in summary and "nanocb/reference" in summary and "profile, " in summary
+    assert "bench.json: cpu" in summary and "nanocb/reference" in summary and "profile, " in summary
 
 
 @pytest.mark.slow

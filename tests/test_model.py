@@ -468,14 +468,16 @@ def test_compiled_blocks_share_one_graph_whatever_the_depth():
     torch._dynamo.reset()
 
 
-def test_a_step_through_compiled_blocks_equals_the_eager_step_in_float64():
+@pytest.mark.parametrize("unpad", [False, True])
+def test_a_step_through_compiled_blocks_equals_the_eager_step_in_float64(unpad):
     from step import train_step
     g = torch.Generator().manual_seed(3)
     rows = lambda n: [dict(ids=torch.randint(1, 97, (T,), generator=g).tolist(), cb_mask=[0] * (T - 3) + [1] * 3,
                            target_mask=[0] * (T - 4) + [1] * 4) for T in torch.randint(6, 12, (n,), generator=g)]
     batches = dict(harmful=rows(4), retain=rows(4))
     cfg = dict(layers=(1, 2), lorra_alpha=10.0, alpha_decay_multiplier=2.0, max_steps=150, batch_size=4,
-               grad_accum=2, retain_call_weight=6.0, retain_len=16, redirect_weight=0.0, grad_clip=1.0)
+               grad_accum=2, retain_call_weight=6.0, retain_len=16, redirect_weight=0.0, grad_clip=1.0,
+               unpad=unpad, pad_multiple=4 if unpad else 1)  # unpad: the real tokens alone through the matmuls
     out = []
     for compiled in (False, True):
         torch._dynamo.reset()
@@ -491,3 +493,32 @@ def test_a_step_through_compiled_blocks_equals_the_eager_step_in_float64():
         assert rec_c[k] == pytest.approx(rec[k], rel=1e-12, abs=0), k
     assert all(torch.allclose(a, b, rtol=0, atol=1e-12) for a, b in zip(p_eager, p_comp))
     torch._dynamo.reset()
+
+
+def test_keep_computes_the_kept_positions_alone_and_gives_their_states_exactly():
+    from lora import lora_modules
+    from step import keep_positions
+    model = lora_llama64(3)
+    ids, attn = padded_batch("right")  # rows of 11, 7 and 3 real tokens in 11 positions
+    keep = keep_positions(attn, 8)  # 21 real + 3 pads: 24
+    assert int(keep.sum()) == 24 and bool(keep[attn].all()) and keep[1, 7:10].tolist() == [True] * 3
+    rows = []  # the rows every projection and MLP matmul sees
+    hooks = [m.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0])) for _, m in lora_modules(model)]
+    for stop in (None, 2):
+        _, want = model(ids, hidden=True, logits=False, stop=stop)
+        rows.clear()
+        _, got = model(ids, hidden=True, logits=False, stop=stop, keep=keep)
+        assert set(rows) == {24}  # 24 positions, not 3 x 11
+        assert got.shape == want.shape
+        assert torch.allclose(got[:, attn], want[:, attn], rtol=0, atol=1e-12)
+        assert bool((got[:, ~keep] == 0).all())
+    # the same gradient through the states of the real tokens
+    (g_want,) = torch.autograd.grad(want[:, attn].pow(2).sum(), model.layers[0].mlp.up_proj.lora_a)
+    _, got = model(ids, hidden=True, logits=False, stop=2, keep=keep)
+    (g_got,) = torch.autograd.grad(got[:, attn].pow(2).sum(), model.layers[0].mlp.up_proj.lora_a)
+    assert torch.allclose(g_got, g_want, rtol=1e-10, atol=0)
+    for h in hooks:
+        h.remove()
+    for bad in (dict(logits=True), dict(attn_mask=attn), dict(keep=keep[:, :5])):
+        with pytest.raises(ModelError, match="keep"):
+            model(ids, hidden=True, **{"keep": keep, "logits": False, **bad})

@@ -208,6 +208,14 @@ def test_grad_accum_gives_the_gradient_of_the_whole_batch(base, data_dir, refere
         assert {k: log[step][k] for k in keys} == pytest.approx({k: ref_log[step][k] for k in keys}, rel=1e-4)
 
 
+@pytest.mark.parametrize("unpad", [False, True])
+def test_padding_and_unpadding_leave_the_loss_and_gradient_unchanged(base, data_dir, reference, tmp_path, unpad):
+    # the GPU's defaults pad every micro-batch to a multiple of 32 positions and compute the real tokens alone
+    # (with pads up to a multiple of 32): the losses must see neither the pads nor the layout
+    run_train(base, data_dir, tmp_path, *EXACT, "--pad_multiple=32", "--grad_accum=2", f"--unpad={unpad}")
+    assert_same_gradients(tmp_path, reference)
+
+
 def test_a_redirect_batch_of_its_own_size_accumulates_to_its_whole_batch(base, data_dir, reference, tmp_path):
     # 8 redirect rows a step beside 4 harmful and 4 retain: each term is cut into grad_accum pieces of its own size
     run_train(base, data_dir, tmp_path / "one", *EXACT, "--redirect_batch_size=8")
@@ -336,6 +344,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--lr=1e30", "--max_steps=3"), "is not finite; lower lr"),
     (lambda b, d, t: ("--dtype=int8",), "dtype must be one of"),
     (lambda b, d, t: ("--retain_len=0",), "retain_len must be a positive integer"),
+    (lambda b, d, t: ("--pad_multiple=0",), "pad_multiple must be a positive integer"),
     (lambda b, d, t: ("--warmup_steps=5",), "warmup_steps must be in 0..max_steps"),
     (lambda b, d, t: ("--lorra_alpha=0", *RR_RETAIN), "no term would train"),
     (lambda b, d, t: ("--redirect_weight=0",), "they need redirect_weight > 0"),
@@ -355,7 +364,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_contrast_twin",), "it needs trip_batch_size > 0"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
-        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "warmup_beyond_run", "no_term", "trip_alone",
+        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
         "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
