@@ -271,9 +271,9 @@ class Llama(nn.Module):
             if attn_mask is not None or cache is not None or logits or tuple(keep.shape) != (B, T):
                 raise ModelError(f"keep (B, T) = ({B}, {T}) is for right-padded input with no attn_mask, no cache "
                                  f"and logits=False; got keep {tuple(keep.shape)}")
-            idx = keep.reshape(-1).nonzero().squeeze(1)  # (N,) the positions computed, row-major
+            idx = keep.reshape(-1).nonzero().squeeze(1).clone()  # (N,) the positions computed, row-major
             x, pos = x.reshape(B * T, -1).index_select(0, idx), pos.reshape(-1).index_select(0, idx)
-            unpad = (idx, keep)
+            unpad = (idx, keep.clone())  # tensors of their own, not views: compiled blocks guard on a view's base
         cos, sin = self.rope(pos, x.dtype)
         states = [x]
         if stop is not None:
