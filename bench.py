@@ -185,9 +185,10 @@ def main():
     n_keep = max(layers) + 1
     if min(layers) < 0 or n_keep > n_layers or dtype not in ("float32", "bfloat16"):
         fail(f"need layers in 0..n_layers-1 ({n_layers}) and dtype float32 or bfloat16; got {layers}, {dtype!r}")
-    if min(batch_size, n_steps, n_warmup, n_samples, pad_multiple or 1) <= 0 or batch_size % grad_accum:
-        fail("batch_size, n_steps, n_warmup and n_samples must be positive (memory is measured in the last warm-up "
-             "step), and batch_size divisible by grad_accum")
+    if min(batch_size, n_steps, n_warmup, n_samples, 1 if pad_multiple is None else pad_multiple) <= 0 \
+            or batch_size % grad_accum:
+        fail("batch_size, n_steps, n_warmup, n_samples and pad_multiple must be positive (memory is measured in the "
+             "last warm-up step), and batch_size divisible by grad_accum")
     recipe = dict(train_cb_recipe(), layers=tuple(layers), batch_size=batch_size, grad_accum=grad_accum)
     cuda = device.startswith("cuda")
     recipe["pad_multiple"] = GPU_PAD_MULTIPLE if cuda else 1  # train_cb.py's rule

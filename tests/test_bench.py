@@ -71,6 +71,13 @@ def test_bench_refuses_a_vocabulary_smaller_than_the_tokenizer(tmp_path):
     assert not (tmp_path / "b.json").exists()
 
 
+def test_bench_refuses_a_pad_multiple_of_zero(tmp_path):
+    p = subprocess.run([sys.executable, "bench.py", "--device=cpu", "--pad_multiple=0", f"--out={tmp_path / 'b.json'}"],
+                       capture_output=True, text=True, cwd=ROOT, env=ENV, timeout=60)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
+    assert "pad_multiple must be positive" in p.stderr and not (tmp_path / "b.json").exists()
+
+
 def test_bench_times_and_profiles_step_train_step_itself_with_train_cb_defaults(monkeypatch, tmp_path, capsys):
     calls = spy_on_train_step(monkeypatch)
     out = tmp_path / "b.json"
