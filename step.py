@@ -79,9 +79,10 @@ def retain_states(model, fmodel, ids, frozen, top, dynamic=False, keep=None):
 def on_device(rows, pad_id, device, cfg):
     """rows collated (each padded to the longest, rounded up to cfg's pad_multiple) on the device, with the
     positions to compute (keep) where cfg's unpad is on."""
-    b = collate(rows, pad_id, cfg.get("pad_multiple", 1))
+    multiple = cfg.get("pad_multiple", 1)
+    b = collate(rows, pad_id, multiple)
     if cfg.get("unpad", False):
-        b["keep"] = keep_positions(b["attn"], cfg.get("pad_multiple", 1))
+        b["keep"] = keep_positions(b["attn"], multiple)
     return {n: t.to(device, non_blocking=True) for n, t in b.items()}
 
 

@@ -28,7 +28,7 @@ import data
 import losses
 from lora import LoRAError, inject_lora, load_lora_state_dict, lora_config, lora_state_dict
 from model import DTYPES, Llama, ModelError, compile_blocks, flops_per_token, load_config
-from step import GPU_PAD_MULTIPLE, StepError, hidden_states, lr_at, train_step
+from step import GPU_PAD_MULTIPLE, StepError, hidden_states, lr_at, on_device, train_step
 from chat import trip_rows
 from util import atomic_write, fail
 
@@ -344,10 +344,10 @@ def validation_cosine():
     parts = []
     model.eval()
     for i in range(0, len(val), micro):
-        b = {k: v.to(device) for k, v in data.collate(val[i:i + micro], tok.pad_id).items()}
+        b = on_device(val[i:i + micro], tok.pad_id, device, config)  # padded (or unpadded) as the step's batches
         with autocast:
-            lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, stop=max(layers))
-            frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=max(layers))
+            lora_h = hidden_states(model, fmodel, b["ids"], frozen=False, stop=max(layers), keep=b.get("keep"))
+            frozen_h = hidden_states(model, fmodel, b["ids"], frozen=True, stop=max(layers), keep=b.get("keep"))
         parts.append(losses.rerouting_diagnostics(lora_h[list(layers)], frozen_h[list(layers)], b["cb_mask"]))
     model.train()
     return losses.merge_diagnostics(parts)["cos_mean"]

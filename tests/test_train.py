@@ -213,6 +213,8 @@ def test_padding_and_unpadding_leave_the_loss_and_gradient_unchanged(base, data_
     # with pads up to a multiple of 32 (unpad): the losses must see neither the pads nor the layout
     run_train(base, data_dir, tmp_path, *EXACT, "--pad_multiple=32", "--grad_accum=2", "--unpad=True")
     assert_same_gradients(tmp_path, reference)
+    val, ref_val = read_log(tmp_path)[1], read_log(reference)[1]  # the validation pass batches as the step does
+    assert len(val) == len(ref_val) > 0 and val == pytest.approx(ref_val, rel=1e-12)
 
 
 def test_a_redirect_batch_of_its_own_size_accumulates_to_its_whole_batch(base, data_dir, reference, tmp_path):
