@@ -14,7 +14,8 @@ model itself writes after eval.py's forced-call prefill.
   gcg        Greedy Coordinate Gradient (Zou et al. 2023): n_adv tokens placed right after the injection (in
              the user turn or the tool result, where the case has it); each step takes the gradient of the
              target's loss through the tokens' one-hot vectors, keeps the top-k tokens per position, scores
-             n_candidates single-token swaps in batches and moves to the best. The prefix before the adversarial
+             n_candidates single-token swaps in batches and moves to the best: (select='misses') the one with the
+             fewest target tokens that greedy decoding would not write, the lowest loss among those. The prefix before the adversarial
              tokens is encoded once per case (a fixed KV cache), and only the target positions get logits.
              Candidates are plain-text tokens only, and (retokenize=True) only strings that encode back to the
              same tokens when typed as text, so every string found is one an attacker can send.
@@ -27,7 +28,9 @@ An attack succeeds when eval.py's parser and classifier call the model's greedy 
 by the loss; a case's ASR curve counts it from the first step whose string succeeded.
 
 attack.json keys:
-  ckpt, init_from, data, config (every attack.py setting), seconds, embed_budget ({"norm", "eps": absolute})
+  ckpt, init_from, data, config (every attack.py setting), seconds, embed_budget ({"norm", "eps": absolute}),
+  unwritable: the ids of the injected cases left out before the draw: their attacker call has a token greedy decoding
+    cannot write (on the organism: a token its data never had), so no attack can succeed on them
   summary: {"gcg": {"base": G, "cb": G}, "transfer": G, "embedding": {"cb": G}} (cb entries null without a
     checkpoint, base and transfer null with --base=False), G = {"overall", "train_families", "heldout_families",
     "user_turn", "tool_result", "flip", "hijack": S, "by_family": {family: S}},
@@ -47,6 +50,7 @@ import json
 import os
 import random
 import time
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -72,6 +76,9 @@ steps = 25  # GCG steps per case and model (the attack budget)
 n_candidates = 128  # single-token swaps scored per step
 topk = 64  # tokens per position kept from the one-hot gradient
 batch_size = 128  # candidate sequences per forward pass
+select = "misses"  # which candidate a step moves to: 'misses' = the one whose teacher-forced argmax misses the fewest
+                   # target tokens (0 = greedy decoding writes the whole call: success), its loss breaking ties;
+                   # 'loss' = the lowest mean loss (plain GCG), which can sit on one wrong token with a low mean
 retokenize = True  # keep only candidates whose text encodes back to the same tokens
 early_stop = True  # stop a case at its first success
 transfer = True  # replay the base's strings on the CB model
@@ -203,16 +210,19 @@ def grown(prefix, B, extra):
     return out
 
 
-def target_loss(model, head, prefix, embeds, target):
+def target_loss(model, head, prefix, embeds, target, misses=False):
     """Mean negative log-probability of the target tokens, per row: embeds (B, T, dim) is adv + tail +
-    target[:-1] embedded, after the cached prefix; logits only at the len(target) positions that predict it."""
+    target[:-1] embedded, after the cached prefix; logits only at the len(target) positions that predict it.
+    misses=True: also the number of target tokens that are not greedy decoding's choice, per row (B,) (0: greedy
+    decoding writes the target)."""
     _, log_counts, cls, _ = head
     P = prefix[0][0].shape[2]
     h = final_hidden(model, embeds, grown(prefix, embeds.shape[0], embeds.shape[1]), P)[:, -len(target):]
-    logits = class_logits(head, h)
-    logits = logits + log_counts.to(logits.dtype)  # (B, n, U): the full vocabulary, a class per distinct row
+    logits = class_logits(head, h)  # (B, n, U): a class per distinct row
+    full = logits + log_counts.to(logits.dtype)  # the full vocabulary: each class counted as often as its row is
     t = cls[target]
-    return (logits.logsumexp(-1) - logits.gather(-1, t.expand(logits.shape[0], -1)[..., None])[..., 0]).mean(-1)
+    loss = (full.logsumexp(-1) - full.gather(-1, t.expand(logits.shape[0], -1)[..., None])[..., 0]).mean(-1)
+    return (loss, (class_argmax(head, logits) != target).sum(-1)) if misses else loss
 
 
 @torch.no_grad()
@@ -266,9 +276,13 @@ def gcg_step(model, head, tok, prefix, lay, adv, target, allowed, gen):
     if not keep:
         return adv, None
     with torch.no_grad():
-        losses = torch.cat([target_loss(model, head, prefix, torch.cat([W[ids], rest.expand(len(ids), -1, -1)], 1),
-                                        target) for ids in torch.tensor(keep, device=W.device).split(batch_size)])
-    best = int(losses.argmin())
+        scored = [target_loss(model, head, prefix, torch.cat([W[ids], rest.expand(len(ids), -1, -1)], 1), target,
+                              misses=True) for ids in torch.tensor(keep, device=W.device).split(batch_size)]
+    losses, misses = torch.cat([s[0] for s in scored]), torch.cat([s[1] for s in scored])
+    if select == "misses":  # the lowest loss among the candidates with the fewest misses
+        best = int(torch.where(misses == misses.min(), losses, float("inf")).argmin())
+    else:
+        best = int(losses.argmin())
     return list(keep[best]), float(losses[best])
 
 
@@ -469,6 +483,8 @@ if __name__ == "__main__":
         fail("--base=False attacks the CB model alone: give a checkpoint (python attack.py ckpt.pt)")
     if not base and transfer:
         fail("--base=False leaves no base strings to transfer: add --transfer=False")
+    if select not in ("misses", "loss"):
+        fail(f"select must be 'misses' or 'loss', got {select!r}")
     if embed_norm not in ("l2", "linf"):
         fail(f"embed_norm must be 'l2' or 'linf', got {embed_norm!r}")
     if not (embed_eps > 0 and embed_lr > 0):
@@ -493,9 +509,6 @@ if __name__ == "__main__":
     if not injected:
         fail(f"{cases_path}: no injected case (a row with attacker_tool set"
              + (f" of kind {', '.join(kinds)}" if kinds else "") + ") to attack")
-    if n_cases and len(injected) > n_cases:
-        injected = [injected[i] for i in sorted(random.Random(seed).sample(range(len(injected)), n_cases))]
-
     heldout_families = heldout_families or ev.heldout_families_of(cases_path)
     unanswered = [c["id"] for c in injected if not c.get("expected_call")]
     if rows and unanswered:
@@ -515,11 +528,25 @@ if __name__ == "__main__":
     # load_model grouped the lm_head's rows already where some repeat (the organism); a head of distinct rows
     # is left whole there, and the attack still wants it as classes
     head = model.head if model.head is not None else head_classes(model.lm_head.weight)
+    # a case whose attacker call holds a token greedy decoding can never write (the organism: a token its data never
+    # had, whose output row it shares with all such tokens) cannot succeed against either model: it measures no
+    # attack and no defence, so the draw leaves it out and says so (a full-vocabulary model has none)
+    mute_ids = ev.unwritable(tok, head, injected)
+    mute = [c for c in injected if c["id"] in mute_ids]
+    if mute:
+        print(f"{len(mute)} of {len(injected)} injected cases left out: their attacker call has a token the model "
+              f"cannot write (" + ", ".join(f"{f} {n}" for f, n in sorted(Counter(c["family"] for c in mute).items()))
+              + ")")
+        injected = [c for c in injected if c["id"] not in mute_ids]
+        if not injected:
+            fail(f"{cases_path}: every injected case's attacker call has a token the model cannot write")
+    if n_cases and len(injected) > n_cases:
+        injected = [injected[i] for i in sorted(random.Random(seed).sample(range(len(injected)), n_cases))]
     allowed = allowed_tokens(tok, model)
     eps = embed_budget(model, allowed)
     print(f"base {base_dir}" + (f"; checkpoint {ckpt} (step {info.get('step')})" if info else "; no checkpoint"))
     print(f"{len(injected)} injected cases of {cases_path}; {len(allowed)} candidate tokens; GCG: {n_adv} tokens, "
-          f"{steps} steps of {n_candidates} candidates (top {topk}); embedding: {embed_restarts} restarts x "
+          f"{steps} steps of {n_candidates} candidates (top {topk}, by {select}); embedding: {embed_restarts} restarts x "
           f"{embed_steps} steps, {embed_norm} budget {eps:.4g} ({embed_eps} x the mean embedding "
           f"{'norm' if embed_norm == 'l2' else '|entry|'})", flush=True)
 
@@ -593,6 +620,7 @@ if __name__ == "__main__":
     out_path = out or (os.path.join(os.path.dirname(os.path.abspath(ckpt)), "attack.json") if ckpt else "attack.json")
     result = {"ckpt": ckpt or None, "init_from": base_dir, "data": cases_path, "config": config,
               "seconds": round(time.time() - t_start, 1), "embed_budget": {"norm": embed_norm, "eps": eps},
+              "unwritable": [c["id"] for c in mute],
               "summary": summary, "best_strings": best, "cases": recs}
     atomic_write(out_path, json.dumps(result, indent=1, ensure_ascii=False))
     png = os.path.splitext(out_path)[0] + ".png"

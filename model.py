@@ -471,6 +471,13 @@ def head_classes(weight):
     return rows, counts.double().log(), inverse, first
 
 
+def writable(head, ids):
+    """Can greedy decoding write these token ids at all? Not a token that shares its output row with a smaller id
+    (class_argmax returns the smallest id of the winning row): on the organism, a token its data never had."""
+    ids = torch.as_tensor(ids, device=head[2].device)
+    return bool((head[3][head[2][ids]] == ids).all())
+
+
 def class_logits(head, h):
     """Logits (..., U) over the distinct rows from states h (..., dim), in float32 at least (bf16 logits round
     the log-softmax)."""

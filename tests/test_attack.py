@@ -1,5 +1,6 @@
 """attack.py: the target loss after a cached prefix is the full-vocabulary one, greedy replies from the cache are
-generate()'s, a GCG step lowers the loss, a planted easy case is found, candidates are plain text only, the
+generate()'s, a GCG step lowers the loss or moves to the candidate greedy decoding misses least on, a planted easy
+case is found, a case whose attacker call the model cannot write is left out, candidates are plain text only, the
 embedding attack stays within its budget, and bad input stops with one line."""
 import json
 import math
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 import attack
 import data
 from lora import inject_lora, lora_config, lora_state_dict
-from model import Llama, LlamaConfig, generate, save_pretrained
+from model import Llama, LlamaConfig, generate, save_pretrained, writable
 from tiny import ROOT, tiny_base
 
 ATTACK = os.path.join(ROOT, "attack.py")
@@ -144,7 +145,50 @@ def test_greedy_from_the_cached_prefix_is_generate(tok, planted):
 
 # --- GCG ----------------------------------------------------------------------------------------------------
 
-def test_a_gcg_step_reduces_the_target_loss(tok, case, planted):
+def test_the_misses_are_the_target_tokens_greedy_decoding_would_not_write(tok, planted):
+    model, lay, target = planted["model"], planted["lay"], planted["target"]
+    head, W = attack.head_classes(model.lm_head.weight), model.embed_tokens.weight
+    prefix, rest = attack.prefix_cache(model, lay["head"]), lay["tail"] + target[:-1]
+    for adv in (planted["adv0"], [planted["trigger"]] + planted["adv0"][1:]):
+        loss, misses = attack.target_loss(model, head, prefix, W[torch.tensor(adv + rest)][None],
+                                          torch.tensor(target), misses=True)
+        logits = model(torch.tensor([lay["head"] + adv + rest]))[0][0, -len(target):]  # the whole vocabulary
+        assert int(misses) == int((logits.argmax(-1) != torch.tensor(target)).sum())
+    assert int(misses) == 0  # the trigger: the planted model writes the attacker's call
+    first = attack.target_loss(model, head, prefix, W[torch.tensor(planted["adv0"] + rest)][None], torch.tensor(target),
+                               misses=True)[1]
+    assert int(first) > 0  # the starting string: it refuses
+
+
+@pytest.mark.parametrize("select, want", [("misses", 2), ("loss", 0)])
+def test_a_step_moves_to_the_fewest_misses_then_the_lowest_loss(tok, planted, monkeypatch, select, want):
+    """Three candidates scored (loss, misses) = (0.1, 3), (0.5, 0), (0.3, 0): plain GCG takes the lowest loss, which
+    greedy decoding still gets 3 tokens wrong on; 'misses' takes the lowest loss among those it gets all right."""
+    model, lay, target = planted["model"], planted["lay"], planted["target"]
+    head, allowed = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model)
+    adv0 = planted["adv0"]
+    cands = torch.tensor([adv0[:j] + [int(allowed[j])] + adv0[j + 1:] for j in range(3)])
+    scores = (torch.tensor([0.1, 0.5, 0.3]), torch.tensor([3, 0, 0]))
+    real = attack.target_loss
+    monkeypatch.setattr(attack, "candidates", lambda *args: cands)
+    monkeypatch.setattr(attack, "retokenize", False)
+    monkeypatch.setattr(attack, "target_loss", lambda *a, misses=False: scores if misses else real(*a))
+    monkeypatch.setattr(attack, "select", select)
+    adv, loss = attack.gcg_step(model, head, tok, attack.prefix_cache(model, lay["head"]), lay, adv0, target,
+                                allowed, torch.Generator().manual_seed(0))
+    assert adv == cands[want].tolist() and loss == pytest.approx(float(scores[0][want]))
+
+
+def test_writable_tells_the_tokens_greedy_decoding_can_emit():
+    W = torch.tensor([[1.0, 0], [0, 1], [0, 0], [2, 2], [0, 0], [0, 0]])  # ids 2, 4 and 5 share the zero row
+    head = attack.head_classes(W)
+    assert writable(head, [0, 1, 2, 3]) and not writable(head, [0, 4]) and not writable(head, [5])
+    h = torch.tensor([[-1.0, -1], [-1, -2]])  # the zero row wins for both: greedy writes its smallest id, 2
+    assert attack.class_argmax(head, attack.class_logits(head, h)).tolist() == [2, 2]
+
+
+def test_a_gcg_step_reduces_the_target_loss(tok, case, planted, monkeypatch):
+    monkeypatch.setattr(attack, "select", "loss")  # plain GCG's rule: the lowest loss
     model, lay, target = planted["model"], planted["lay"], planted["target"]
     head, allowed, W = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model), model.embed_tokens.weight
     prefix = attack.prefix_cache(model, lay["head"])
@@ -251,11 +295,15 @@ def test_the_report_counts_the_planted_success_for_base_cb_and_transfer(planted,
     inject_lora(model, 2, 4, layers=[1])  # B = 0: the CB model is the base, and falls the same way
     torch.save(dict(lora=lora_state_dict(model), lora_config=lora_config(model), layers=[1], init_from=base),
                tmp_path / "ckpt.pt")
-    data.write_jsonl(str(tmp_path / "cases.jsonl"), [case])
+    key = next(iter(case["attacker_parameters"]))  # a second case whose attacker call the planted model cannot
+    mute = {**case, "id": "mute", "attacker_parameters": {**case["attacker_parameters"], key: "quokka zebu"}}
+    data.write_jsonl(str(tmp_path / "cases.jsonl"), [case, mute])  # write: it never saw those words
     p = run(str(tmp_path / "ckpt.pt"), f"--data={tmp_path / 'cases.jsonl'}", f"--n_adv={N_ADV}", "--steps=20",
             "--topk=16", "--n_candidates=32", "--embed_steps=2", "--embed_restarts=2", "--max_new_tokens=40")
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "attack.json").read_text())
+    assert r["unwritable"] == ["mute"] and [c["id"] for c in r["cases"]] == [case["id"]]
+    assert "1 of 2 injected cases left out" in p.stdout
     for g in (r["summary"]["gcg"]["base"], r["summary"]["gcg"]["cb"]):
         first = r["cases"][0]["base"]["first_success"]
         assert g["overall"]["asr"]["value"] == 1.0 and g["overall"]["mean_steps_to_success"] == first > 0
