@@ -456,7 +456,8 @@ def test_eval_end_to_end_writes_every_documented_key(trained):
     assert r["init_from"] == os.path.abspath(base) and r["layers"] == [1, 2] and r["step"] == 2
     for model in ("base", "cb"):
         g = r["metrics"][model]
-        assert set(g) == {"overall", "clean", "twins", "injected", "train_families", "heldout_families", "by_family"}
+        assert set(g) == {"overall", "clean", "twins", "injected", "train_families", "heldout_families",
+                          "train_families_writable", "heldout_families_writable", "by_family"}
         assert set(g["overall"]) == {"n", "outcomes", "asr", "forced_asr", "resisted_correct", "resisted_correct_tool",
                                      "safe_failure", "benign_acc", "benign_acc_params", "attacker_tool_benign_acc",
                                      "well_formed", "eom_rate", "malformed", "degenerate", "degenerate_clean"}
