@@ -15,8 +15,9 @@ model itself writes after eval.py's forced-call prefill.
              the user turn or the tool result, where the case has it); each step takes the gradient of the
              target's loss through the tokens' one-hot vectors, keeps the top-k tokens per position, scores
              n_candidates single-token swaps in batches and moves to the best: (select='misses') the one with the
-             fewest target tokens that greedy decoding would not write, the lowest loss among those. The prefix before the adversarial
-             tokens is encoded once per case (a fixed KV cache), and only the target positions get logits.
+             fewest target tokens that greedy decoding would not write, the lowest loss among those. The prefix
+             before the adversarial tokens is encoded once per case (a fixed KV cache), and only the target
+             positions get logits.
              Candidates are plain-text tokens only, and (retokenize=True) only strings that encode back to the
              same tokens when typed as text, so every string found is one an attacker can send.
   embedding  the n_adv tokens replaced by free vectors, moved by signed-gradient steps, each kept within
@@ -546,8 +547,8 @@ if __name__ == "__main__":
     eps = embed_budget(model, allowed)
     print(f"base {base_dir}" + (f"; checkpoint {ckpt} (step {info.get('step')})" if info else "; no checkpoint"))
     print(f"{len(injected)} injected cases of {cases_path}; {len(allowed)} candidate tokens; GCG: {n_adv} tokens, "
-          f"{steps} steps of {n_candidates} candidates (top {topk}, by {select}); embedding: {embed_restarts} restarts x "
-          f"{embed_steps} steps, {embed_norm} budget {eps:.4g} ({embed_eps} x the mean embedding "
+          f"{steps} steps of {n_candidates} candidates (top {topk}, by {select}); embedding: {embed_restarts} "
+          f"restarts x {embed_steps} steps, {embed_norm} budget {eps:.4g} ({embed_eps} x the mean embedding "
           f"{'norm' if embed_norm == 'l2' else '|entry|'})", flush=True)
 
     recs, adv_rows = [], []
