@@ -30,8 +30,8 @@ by the loss; a case's ASR curve counts it from the first step whose string succe
 
 attack.json keys:
   ckpt, init_from, data, config (every attack.py setting), seconds, embed_budget ({"norm", "eps": absolute}),
-  unwritable: the ids of the injected cases left out before the draw: their attacker call has a token greedy decoding
-    cannot write (on the organism: a token its data never had), so no attack can succeed on them
+  unwritable: the ids of the injected cases left out before the draw (eval.unwritable): the model cannot obey them
+    as its tokenizer spells the attack (on the organism: the attacker's value holds a token its data never had)
   summary: {"gcg": {"base": G, "cb": G}, "transfer": G, "embedding": {"cb": G}} (cb entries null without a
     checkpoint, base and transfer null with --base=False), G = {"overall", "train_families", "heldout_families",
     "user_turn", "tool_result", "flip", "hijack": S, "by_family": {family: S}},
@@ -529,18 +529,18 @@ if __name__ == "__main__":
     # load_model grouped the lm_head's rows already where some repeat (the organism); a head of distinct rows
     # is left whole there, and the attack still wants it as classes
     head = model.head if model.head is not None else head_classes(model.lm_head.weight)
-    # a case whose attacker call holds a token greedy decoding can never write (the organism: a token its data never
-    # had, whose output row it shares with all such tokens) cannot succeed against either model: it measures no
-    # attack and no defence, so the draw leaves it out and says so (a full-vocabulary model has none)
+    # a case the model cannot obey as its tokenizer spells the attack (the organism: the attacker's value holds a
+    # token its data never had, whose output row it shares with all such tokens) measures neither the attack nor the
+    # defence, so the draw leaves it out and says so (a full-vocabulary model has none)
     mute_ids = ev.unwritable(tok, head, injected)
     mute = [c for c in injected if c["id"] in mute_ids]
     if mute:
-        print(f"{len(mute)} of {len(injected)} injected cases left out: their attacker call has a token the model "
-              f"cannot write (" + ", ".join(f"{f} {n}" for f, n in sorted(Counter(c["family"] for c in mute).items()))
-              + ")")
+        families = ", ".join(f"{f} {n}" for f, n in sorted(Counter(c["family"] for c in mute).items()))
+        print(f"{len(mute)} of {len(injected)} injected cases left out: the model cannot write the attacker's call "
+              f"as its tokenizer spells it ({families})")
         injected = [c for c in injected if c["id"] not in mute_ids]
         if not injected:
-            fail(f"{cases_path}: every injected case's attacker call has a token the model cannot write")
+            fail(f"{cases_path}: the model cannot write the attacker's call of any injected case")
     if n_cases and len(injected) > n_cases:
         injected = [injected[i] for i in sorted(random.Random(seed).sample(range(len(injected)), n_cases))]
     allowed = allowed_tokens(tok, model)

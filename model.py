@@ -474,7 +474,7 @@ def head_classes(weight):
 def writable(head, ids):
     """Can greedy decoding write these token ids at all? Not a token that shares its output row with a smaller id
     (class_argmax returns the smallest id of the winning row): on the organism, a token its data never had."""
-    ids = torch.as_tensor(ids, device=head[2].device)
+    ids = torch.as_tensor(ids, dtype=torch.long, device=head[2].device)
     return bool((head[3][head[2][ids]] == ids).all())
 
 

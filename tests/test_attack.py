@@ -295,15 +295,20 @@ def test_the_report_counts_the_planted_success_for_base_cb_and_transfer(planted,
     inject_lora(model, 2, 4, layers=[1])  # B = 0: the CB model is the base, and falls the same way
     torch.save(dict(lora=lora_state_dict(model), lora_config=lora_config(model), layers=[1], init_from=base),
                tmp_path / "ckpt.pt")
-    key = next(iter(case["attacker_parameters"]))  # a second case whose attacker call the planted model cannot
-    mute = {**case, "id": "mute", "attacker_parameters": {**case["attacker_parameters"], key: "quokka zebu"}}
-    data.write_jsonl(str(tmp_path / "cases.jsonl"), [case, mute])  # write: it never saw those words
+    mine = case["expected_call"]["parameters"]  # a hijack of the user's call to a value the planted model cannot
+    key = next(iter(mine))  # write (it never saw those words): left out before the draw
+    mute = {**case, "id": "mute", "attacker_tool": case["expected_tool"], "attacker_parameters": {**mine, key: "quokka"}}
+    data.write_jsonl(str(tmp_path / "cases.jsonl"), [case, mute])  # a seeded draw of one from both takes the second
     p = run(str(tmp_path / "ckpt.pt"), f"--data={tmp_path / 'cases.jsonl'}", f"--n_adv={N_ADV}", "--steps=20",
             "--topk=16", "--n_candidates=32", "--embed_steps=2", "--embed_restarts=2", "--max_new_tokens=40")
     assert p.returncode == 0, p.stderr
     r = json.loads((tmp_path / "attack.json").read_text())
     assert r["unwritable"] == ["mute"] and [c["id"] for c in r["cases"]] == [case["id"]]
     assert "1 of 2 injected cases left out" in p.stdout
+    p = run(str(tmp_path / "ckpt.pt"), f"--data={tmp_path / 'cases.jsonl'}", "--n_cases=1", "--steps=1", "--base=False",
+            "--transfer=False", "--embedding=False", f"--out={tmp_path / 'one.json'}", f"--n_adv={N_ADV}")
+    assert p.returncode == 0, p.stderr  # left out before the draw: the draw of one is the case that can succeed
+    assert [c["id"] for c in json.loads((tmp_path / "one.json").read_text())["cases"]] == [case["id"]]
     for g in (r["summary"]["gcg"]["base"], r["summary"]["gcg"]["cb"]):
         first = r["cases"][0]["base"]["first_success"]
         assert g["overall"]["asr"]["value"] == 1.0 and g["overall"]["mean_steps_to_success"] == first > 0
