@@ -58,6 +58,7 @@ import torch
 
 import data as dataset
 import eval as ev
+from chat import call_ids
 from lora import adapters_off
 from model import class_argmax, class_logits, generate, head_classes
 from util import atomic_write, fail
@@ -558,7 +559,7 @@ if __name__ == "__main__":
         except dataset.DataError as e:
             fail(f"{cases_path}: case {case['id']}: {e}")
         call = target_call(model, tok, case, dataset.prompt_ids(tok, case["messages"], case["tools"]))
-        target = [t for ids, _ in dataset.call_segments(tok, call) for t in ids]
+        target = call_ids(tok, call)
         adv0 = initial_adv(tok, lay, n_adv)
         rec = dict(id=case["id"], family=case["family"],
                    placement="tool_result" if case["messages"][lay["k"]]["role"] == "ipython" else "user_turn",

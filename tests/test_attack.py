@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import attack
 import data
+from chat import call_ids
 from lora import inject_lora, lora_config, lora_state_dict
 from model import Llama, LlamaConfig, generate, save_pretrained, writable
 from tiny import ROOT, tiny_base
@@ -45,8 +46,7 @@ def small_budget(monkeypatch):
 
 def parts(tok, case):
     lay = data.layout(tok, case, data.injection_site(case))
-    target = [i for ids, _ in data.call_segments(tok, {"name": case["attacker_tool"],
-                                                        "parameters": case["attacker_parameters"]}) for i in ids]
+    target = call_ids(tok, {"name": case["attacker_tool"], "parameters": case["attacker_parameters"]})
     return lay, attack.initial_adv(tok, lay, N_ADV), target
 
 
