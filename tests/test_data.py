@@ -508,3 +508,26 @@ def test_importer_rejects_a_bad_record_naming_its_line(tmp_path):
 def test_the_mask_table_uses_train_cbs_default_mask():
     src = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_cb.py")).read()
     assert data.cb_mask == re.search(r'^cb_mask = "(\w+)"', src, re.M).group(1)
+
+
+def test_every_heldout_hijack_call_is_spelled_from_tokens_train_has(tok):
+    # The organism has an output row only for the tokens of its train samples (organism.py's compact vocabulary;
+    # redirect rows left out): an attacker value spelled with any other token can never be written, so the case
+    # would count as resisted for every model. Failed on 2026-11-28 for 37 of test's 68 hijack_email cases
+    # ('archive@secure-docs.co', 'records@inbox-backup.org') and 24 of val's 48 hijack_read ones ('.env', ...).
+    splits = data.generate_splits(seed=1337, n_train=4000, n_val=400, n_test=800)
+    live = set(tok.stop_ids)
+    for r in splits['train']:
+        if r['kind'] != 'retain' or r['attacker_tool'] is None:
+            live |= set(data.encode_sample(tok, r)['ids'])
+    held = [f for f in data.HELDOUT_FAMILIES + data.VAL_HELDOUT_FAMILIES if f in data.HIJACKS]
+    assert held
+    for family in held:
+        tool, swaps = data.HIJACKS[family]
+        key = next(iter(swaps[0]))
+        rows = [r for s in ('val', 'test') for r in splits[s] if r['family'] == family]
+        assert {r['attacker_parameters'][key] for r in rows} == {p[key] for p in swaps}, family  # every value drawn
+        for r in rows:
+            ids = chat.call_ids(tok, {'name': tool, 'parameters': r['attacker_parameters']})
+            missing = sorted({tok.decode([i]) for i in ids if i not in live})
+            assert not missing, (r['id'], r['attacker_parameters'][key], missing)
