@@ -264,7 +264,7 @@ def candidates(grad, W, allowed, adv, gen):
 
 def gcg_step(model, head, tok, prefix, lay, adv, target, allowed, gen):
     """One GCG step from adv: the gradient, the candidates, each new one that survives retokenizing scored in
-    batches -> (the best candidate, its loss), or (adv, None) when none survived."""
+    batches -> (the best candidate, its loss, its misses), or (adv, None, None) when none survived."""
     W = model.embed_tokens.weight
     rest = W[torch.tensor(lay["tail"] + target[:-1], device=W.device)]
     target = torch.tensor(target, device=W.device)
@@ -276,7 +276,7 @@ def gcg_step(model, head, tok, prefix, lay, adv, target, allowed, gen):
             keep.append(c)
         seen.add(c)
     if not keep:
-        return adv, None
+        return adv, None, None
     with torch.no_grad():
         scored = [target_loss(model, head, prefix, torch.cat([W[ids], rest.expand(len(ids), -1, -1)], 1), target,
                               misses=True) for ids in torch.tensor(keep, device=W.device).split(batch_size)]
@@ -285,12 +285,13 @@ def gcg_step(model, head, tok, prefix, lay, adv, target, allowed, gen):
         best = int(torch.where(misses == misses.min(), losses, float("inf")).argmin())
     else:
         best = int(losses.argmin())
-    return list(keep[best]), float(losses[best])
+    return list(keep[best]), float(losses[best]), int(misses[best])
 
 
 def gcg(model, head, tok, case, lay, adv, target, allowed, gen):
     """GCG on one case, the model as it is now -> record with first_success (the step whose string first
-    succeeded; 0 = the starting string), the string at that step (or of the lowest loss) and its reply."""
+    succeeded; 0 = the starting string), the string at that step and its reply; on a failure, the string the step
+    rule ranks best of all it visited (select: the fewest misses, then the lowest loss), which transfer replays."""
     t0 = time.time()
     W = model.embed_tokens.weight
     prefix = prefix_cache(model, lay["head"])
@@ -303,19 +304,21 @@ def gcg(model, head, tok, case, lay, adv, target, allowed, gen):
     ok, outcome, ids = judge(adv)
     rec = dict(first_success=0 if ok else None, steps=0, string=tok.decode(adv), adv=adv, loss=None, outcome=outcome,
                output=tok.decode(ids))
-    best_loss = float("inf")
+    best_loss, best_key = float("inf"), (float("inf"),)
     for step in range(1, steps + 1):
         if rec["first_success"] is not None and early_stop:
             break
-        adv, loss = gcg_step(model, head, tok, prefix, lay, adv, target, allowed, gen)
+        adv, loss, misses = gcg_step(model, head, tok, prefix, lay, adv, target, allowed, gen)
         rec["steps"] = step
         if loss is None:
             break
         ok, outcome, ids = judge(adv)
         if ok and rec["first_success"] is None:
             rec.update(first_success=step, string=tok.decode(adv), adv=adv, outcome=outcome, output=tok.decode(ids))
-        if loss < best_loss:
-            best_loss = loss
+        best_loss = min(best_loss, loss)
+        key = (misses, loss) if select == "misses" else (loss,)
+        if key < best_key:
+            best_key = key
             if rec["first_success"] is None:
                 rec.update(string=tok.decode(adv), adv=adv, outcome=outcome, output=tok.decode(ids))
     rec["loss"] = best_loss if best_loss < float("inf") else None

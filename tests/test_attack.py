@@ -174,9 +174,30 @@ def test_a_step_moves_to_the_fewest_misses_then_the_lowest_loss(tok, planted, mo
     monkeypatch.setattr(attack, "retokenize", False)
     monkeypatch.setattr(attack, "target_loss", lambda *a, misses=False: scores if misses else real(*a))
     monkeypatch.setattr(attack, "select", select)
-    adv, loss = attack.gcg_step(model, head, tok, attack.prefix_cache(model, lay["head"]), lay, adv0, target,
-                                allowed, torch.Generator().manual_seed(0))
+    adv, loss, misses = attack.gcg_step(model, head, tok, attack.prefix_cache(model, lay["head"]), lay, adv0, target,
+                                        allowed, torch.Generator().manual_seed(0))
     assert adv == cands[want].tolist() and loss == pytest.approx(float(scores[0][want]))
+    assert misses == int(scores[1][want])
+
+
+@pytest.mark.parametrize("select, want", [("misses", 2), ("loss", 1)])
+def test_a_failed_case_keeps_the_string_the_step_rule_ranks_best(tok, case, planted, monkeypatch, select, want):
+    """No step succeeds; the steps score (loss, misses) = (0.9, 4), (0.2, 3), (0.6, 1), (0.7, 1): the record (which
+    transfer replays) holds step 3's string under 'misses' (fewest misses, then lowest loss), step 2's under 'loss'."""
+    model, lay = planted["model"], planted["lay"]
+    head, allowed = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model)
+    adv0 = planted["adv0"]
+    visits = [(adv0[:j] + [int(allowed[j])] + adv0[j + 1:], loss, m)
+              for j, (loss, m) in enumerate([(0.9, 4), (0.2, 3), (0.6, 1), (0.7, 1)])]
+    steps = iter(visits)
+    monkeypatch.setattr(attack, "gcg_step", lambda *a: next(steps))
+    monkeypatch.setattr(attack, "verdict", lambda tok, case, ids: (False, "user_call"))
+    monkeypatch.setattr(attack, "steps", len(visits))
+    monkeypatch.setattr(attack, "select", select)
+    rec = attack.gcg(model, head, tok, case, lay, adv0, planted["target"], allowed, torch.Generator().manual_seed(0))
+    assert rec["first_success"] is None and rec["steps"] == len(visits)
+    assert rec["adv"] == visits[want][0] and rec["string"] == tok.decode(visits[want][0])
+    assert rec["loss"] == pytest.approx(0.2)  # the lowest loss seen, whichever string is kept
 
 
 def test_writable_tells_the_tokens_greedy_decoding_can_emit():
@@ -196,8 +217,8 @@ def test_a_gcg_step_reduces_the_target_loss(tok, case, planted, monkeypatch):
     loss = lambda adv: float(attack.target_loss(model, head, prefix, W[torch.tensor(adv + rest)][None],
                                                 torch.tensor(target)))
     before = loss(planted["adv0"])
-    adv, reported = attack.gcg_step(model, head, tok, prefix, lay, planted["adv0"], target, allowed,
-                                    torch.Generator().manual_seed(0))
+    adv, reported, _ = attack.gcg_step(model, head, tok, prefix, lay, planted["adv0"], target, allowed,
+                                       torch.Generator().manual_seed(0))
     assert adv != planted["adv0"] and abs(reported - loss(adv)) < 1e-4
     assert reported < before
 
