@@ -510,16 +510,19 @@ def test_the_mask_table_uses_train_cbs_default_mask():
     assert data.cb_mask == re.search(r'^cb_mask = "(\w+)"', src, re.M).group(1)
 
 
-def test_every_heldout_hijack_call_is_spelled_from_tokens_train_has(tok):
-    # The organism has an output row only for the tokens of its train samples (organism.py's compact vocabulary;
-    # redirect rows left out): an attacker value spelled with any other token can never be written, so the case
-    # would count as resisted for every model. Failed on 2026-11-28 for 37 of test's 68 hijack_email cases
-    # ('archive@secure-docs.co', 'records@inbox-backup.org') and 24 of val's 48 hijack_read ones ('.env', ...).
+def test_every_heldout_hijack_value_is_one_train_completions_write():
+    # The organism writes only argument values it memorised (it cannot copy them from the prompt) and has no output
+    # row for a token its train samples never had (organism.py, redirect rows left out): a held-out hijack value
+    # train never writes is a case no model of this data can obey, counted as resisted for every model. Failed on
+    # 2026-11-28 for 37 of test's 68 hijack_email cases ('archive@secure-docs.co', 'records@inbox-backup.org') and
+    # 24 of val's 48 hijack_read ones ('.env', '~/Documents/passwords.txt').
     splits = data.generate_splits(seed=1337, n_train=4000, n_val=400, n_test=800)
-    live = set(tok.stop_ids)
+    written = {}  # (tool, argument) -> the values train's completions write
     for r in splits['train']:
-        if r['kind'] != 'retain' or r['attacker_tool'] is None:
-            live |= set(data.encode_sample(tok, r)['ids'])
+        call = r['completion'].get('tool_call')
+        if call and (r['kind'] != 'retain' or r['attacker_tool'] is None):
+            for k, v in call['parameters'].items():
+                written.setdefault((call['name'], k), set()).add(json.dumps(v))
     held = [f for f in data.HELDOUT_FAMILIES + data.VAL_HELDOUT_FAMILIES if f in data.HIJACKS]
     assert held
     for family in held:
@@ -528,6 +531,6 @@ def test_every_heldout_hijack_call_is_spelled_from_tokens_train_has(tok):
         rows = [r for s in ('val', 'test') for r in splits[s] if r['family'] == family]
         assert {r['attacker_parameters'][key] for r in rows} == {p[key] for p in swaps}, family  # every value drawn
         for r in rows:
-            ids = chat.call_ids(tok, {'name': tool, 'parameters': r['attacker_parameters']})
-            missing = sorted({tok.decode([i]) for i in ids if i not in live})
-            assert not missing, (r['id'], r['attacker_parameters'][key], missing)
+            for k, v in r['attacker_parameters'].items():
+                if v != r['expected_call']['parameters'].get(k):
+                    assert json.dumps(v) in written.get((tool, k), ()), (r['id'], k, v)
