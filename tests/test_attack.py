@@ -2,6 +2,7 @@
 generate()'s, a GCG step lowers the loss or moves to the candidate greedy decoding misses least on, a planted easy
 case is found, a case whose attacker call the model cannot write is left out, candidates are plain text only, the
 embedding attack stays within its budget, and bad input stops with one line."""
+import copy
 import json
 import math
 import os
@@ -158,6 +159,28 @@ def test_the_misses_are_the_target_tokens_greedy_decoding_would_not_write(tok, p
     first = attack.target_loss(model, head, prefix, W[torch.tensor(planted["adv0"] + rest)][None], torch.tensor(target),
                                misses=True)[1]
     assert int(first) > 0  # the starting string: it refuses
+
+
+def test_the_misses_take_greedy_decodings_argmax_not_the_count_weighted_one(tok, planted):
+    """The loss counts each distinct row as often as it repeats (the zero rows: ~10^5 times); greedy decoding does not.
+    With the live rows scaled down, the trigger's target tokens still beat the zero rows (logit 0), by less than the
+    log of their count: an argmax over the count-weighted logits would call every one of them a miss."""
+    model = copy.deepcopy(planted["model"])
+    lay, target = planted["lay"], planted["target"]
+    with torch.no_grad():
+        live = model.lm_head.weight.abs().sum(1) > 0
+        model.lm_head.weight[live] *= 1e-3
+    head, W = attack.head_classes(model.lm_head.weight), model.embed_tokens.weight
+    adv = [planted["trigger"]] + planted["adv0"][1:]
+    rest = lay["tail"] + target[:-1]
+    logits = model(torch.tensor([lay["head"] + adv + rest]))[0][0, -len(target):]  # the whole vocabulary
+    assert (logits.argmax(-1) == torch.tensor(target)).all()  # greedy still writes the call
+    zero = int(head[2][int((~live).nonzero()[0])])  # the zero rows' class
+    picked = logits.gather(-1, torch.tensor(target)[:, None])[:, 0]
+    assert (picked < float(head[1][zero])).all()  # count-weighted, the zero class would win every position
+    _, misses = attack.target_loss(model, head, attack.prefix_cache(model, lay["head"]), W[torch.tensor(adv + rest)][None],
+                                   torch.tensor(target), misses=True)
+    assert int(misses) == 0
 
 
 @pytest.mark.parametrize("select, want", [("misses", 2), ("loss", 0)])
