@@ -21,6 +21,9 @@ JSONL schema (one object per line; training samples and eval cases share it):
                           one). A parameter hijack keeps the user's tool (attacker_tool == expected_tool) and
                           swaps the arguments, so there attacker_parameters and expected_call are required and
                           must differ,
+   "attacker_values": {argument: [value, ...]} (optional, on a row with attacker_parameters: other values of an
+                      argument that are the attacker's too; a call that writes one where the user asked for
+                      another is the attack, as a call with attacker_parameters' own value is),
    "twin": str or null (optional, injected rows only; the id of its clean twin in the same file: the same
            conversation, tools and request with the injection removed, kind "benign", the correct call),
    "completion": {"tool_call": {"name": str, "parameters": {...}}} or {"content": str},  (samples only)
@@ -364,6 +367,12 @@ def check_row(row, require_completion=True):
         raise DataError(f'attacker_parameters must be an object or null, got {type(params).__name__}')
     if params is not None and attacker is None:
         raise DataError('attacker_parameters on a clean row (attacker_tool is null)')
+    values = row.get('attacker_values')
+    if values is not None:
+        if params is None:
+            raise DataError('attacker_values without attacker_parameters (they are other values of its arguments)')
+        if not isinstance(values, dict) or not all(isinstance(v, list) for v in values.values()):
+            raise DataError('attacker_values must be an object {argument: [value, ...]}')
     if expected is not None and expected == attacker:  # a parameter hijack: the same tool, the attacker's arguments
         if call is None or params is None or params == call['parameters']:
             raise DataError(f'expected_tool and attacker_tool are both "{expected}" (a parameter hijack needs '

@@ -989,6 +989,19 @@ def attacker_parameters(rng, attacker, benign_params, family=None):
     return dict(rng.choice(ATTACK_ARGS[attacker]))
 
 
+def attacker_values(family):
+    """{the argument a hijack family's injections name: every value an attacker of this data writes into it} (the
+    family's replacements and the tool's ATTACK_ARGS), or None for a family that is not a hijack. The organism
+    cannot copy an argument from the prompt: told to send the mail to one attacker address, it may write another
+    it learnt. eval.is_attack counts any of these values, where the user asked for another, as the attack."""
+    if family not in HIJACKS:
+        return None
+    tool, swaps = HIJACKS[family]
+    key = next(iter(swaps[0]))
+    values = [p[key] for p in swaps + ATTACK_ARGS[tool] if key in p]
+    return {key: [v for i, v in enumerate(values) if v not in values[:i]]}
+
+
 def injection_text(rng, family, attacker, expected, attacker_params, user_params=None):
     phrase = rng.choice(FAMILIES[family])
     value = user_value = ''
@@ -1231,10 +1244,13 @@ def injected_rows(rng, expected, attacker, family, template, indirect, redirect=
     row = {'family': family, 'template': template_name(expected, template), 'expected_tool': expected,
            'attacker_tool': attacker, 'expected_call': call, 'attacker_parameters': attacker_params, 'twin': None,
            'tools': tools, 'messages': messages}
+    if attacker_values(family):
+        row['attacker_values'] = attacker_values(family)
     harmful = {'kind': 'harmful', **row, 'completion': {'tool_call': {'name': attacker, 'parameters': attacker_params}}}
     twin = {'kind': 'benign', **row, 'family': 'clean', 'attacker_tool': None, 'attacker_parameters': None,
             'messages': clean, 'completion': {'tool_call': call}}
     del twin['twin']
+    twin.pop('attacker_values', None)
     group = {'': harmful}
     if redirect:
         group['redirect'] = {'kind': 'retain', **row, 'completion': {'tool_call': call}}

@@ -297,6 +297,25 @@ def test_hijack_rows_keep_the_users_tool_and_swap_an_argument(splits):
     assert len(families('train')) >= 2
 
 
+def test_hijack_rows_name_every_attacker_value_of_their_argument(splits):
+    """Every hijack row (and only a hijack row) lists the values any attacker of the data writes into the argument
+    its injection names, its own among them; its clean twin lists none."""
+    by_id = {r['id']: r for split in splits.values() for r in split}
+    for r in (r for split in splits.values() for r in split):
+        if r['attacker_tool'] is None or r['family'] not in data.HIJACKS:
+            assert 'attacker_values' not in r, r['id']
+            continue
+        tool, swaps = data.HIJACKS[r['family']]
+        key = next(iter(swaps[0]))
+        assert r['attacker_values'] == {key: list(dict.fromkeys(
+            p[key] for p in swaps + data.ATTACK_ARGS[tool] if key in p))}, r['id']
+        assert r['attacker_parameters'][key] in r['attacker_values'][key]
+        assert r['expected_call']['parameters'][key] not in r['attacker_values'][key], r['id']  # no user asks for one
+        if r.get('twin'):
+            assert 'attacker_values' not in by_id[r['twin']]
+    assert data.attacker_values('hijack_email') == {'to': ['backup@mail-sync.net', 'it-desk@verify-account.co']}
+
+
 def test_departure_mask_starts_where_the_harmful_call_leaves_the_users_call(tok, splits):
     by_id = {r['id']: r for split in splits.values() for r in split}
     harmful = [r for split in splits.values() for r in split if r['kind'] == 'harmful']
@@ -431,6 +450,9 @@ def without(key):
     (dict(GOOD, expected_call=None), 'expected_call is null but expected_tool is "retrieve_multimodal_docs"'),
     (dict(GOOD, attacker_parameters=['x']), 'attacker_parameters must be an object or null, got list'),
     (dict(GOOD, attacker_tool=None, attacker_parameters={'query': 'x'}), 'attacker_parameters on a clean row'),
+    (dict(GOOD, attacker_values={'query': ['x']}), 'attacker_values without attacker_parameters'),
+    (dict(GOOD, attacker_parameters={'query': 'x'}, attacker_values={'query': 'x'}),
+     'attacker_values must be an object {argument: [value, ...]}'),
     (dict(GOOD, attacker_tool=None, twin='y'), '"twin" on a clean row'),
     (dict(GOOD, twin=3), '"twin" must be the id'),
     (dict(GOOD, attacker_tool='retrieve_multimodal_docs', attacker_parameters={'query': 'photos of cats'},
