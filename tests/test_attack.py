@@ -223,6 +223,37 @@ def test_a_failed_case_keeps_the_string_the_step_rule_ranks_best(tok, case, plan
     assert rec["loss"] == pytest.approx(0.2)  # the lowest loss seen, whichever string is kept
 
 
+@pytest.mark.parametrize("min_steps", [0, 3])
+def test_transfer_replays_an_optimised_string_when_the_base_falls_at_once(tok, case, planted, monkeypatch,
+                                                                          min_steps):
+    """The base obeys the injection as it stands (success at step 0): GCG still runs min_steps steps, and "best"
+    (what transfer replays) is the string the step rule ranks best of them, not the starting one; the record's
+    first success stays step 0."""
+    model, lay, adv0 = planted["model"], planted["lay"], planted["adv0"]
+    head, allowed = attack.head_classes(model.lm_head.weight), attack.allowed_tokens(tok, model)
+    visits = [(adv0[:j] + [int(allowed[j])] + adv0[j + 1:], loss, 0) for j, loss in enumerate([0.5, 0.1, 0.3, 0.2])]
+    steps = iter(visits)
+    monkeypatch.setattr(attack, "gcg_step", lambda *a: next(steps))
+    monkeypatch.setattr(attack, "verdict", lambda tok, case, ids: (True, "attacker_call"))
+    rec = attack.gcg(model, head, tok, case, lay, adv0, planted["target"], allowed, torch.Generator().manual_seed(0),
+                     min_steps=min_steps)
+    assert rec["first_success"] == 0 and rec["steps"] == min_steps and rec["string"] == tok.decode(adv0)
+    assert rec["best"] == (tok.decode(visits[1][0]) if min_steps else tok.decode(adv0))
+
+
+def test_a_hijack_aims_at_the_attackers_arguments_and_a_flip_at_its_whole_call(tok, case):
+    rows = data.generate_splits(seed=0, n_train=0, n_val=0, n_test=200)["test"]
+    hijack = next(r for r in rows if r["family"] == "hijack_email")  # to, subject, body: the attacker swaps "to"
+    call = {"name": hijack["attacker_tool"], "parameters": hijack["attacker_parameters"]}
+    full, target = call_ids(tok, call), attack.target_ids(tok, hijack, call)
+    text = tok.decode([i for i in target if i != tok.python_tag_id])
+    assert target == full[:len(target)] and len(target) < len(full) - 5
+    assert text.endswith(json.dumps(hijack["attacker_parameters"]["to"]) + ",")  # up to the value's closing token
+    assert hijack["expected_call"]["parameters"]["subject"] not in text  # none of the user's other arguments
+    flip = {"name": case["attacker_tool"], "parameters": case["attacker_parameters"]}
+    assert attack.target_ids(tok, case, flip) == call_ids(tok, flip)
+
+
 def test_writable_tells_the_tokens_greedy_decoding_can_emit():
     W = torch.tensor([[1.0, 0], [0, 1], [0, 0], [2, 2], [0, 0], [0, 0]])  # ids 2, 4 and 5 share the zero row
     head = attack.head_classes(W)
@@ -442,6 +473,10 @@ def test_kinds_draws_only_those_rows_and_base_false_attacks_the_cb_model_alone(c
     k = data.layout(data.load_tokenizer(), case, data.injection_site(case))["k"]
     assert r["cases"][0]["cb"]["string"] in got[0]["messages"][k]["content"]
     ckpt = str(checkpoint / "ckpt.pt")
+    plain = checkpoint / "plain.jsonl"  # eval cases: no "kind" for --kinds to select by
+    data.write_jsonl(str(plain), [{k: v for k, v in case.items() if k != "kind"}])
+    p = run(ckpt, f"--data={plain}", "--kinds=retain", f"--out={out}")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and 'has no "kind"' in p.stderr, p.stderr
     for bad, words in (([ckpt, "--kinds=redirect"], "redirect is not a row kind"),
                        ([ckpt, "--kinds=benign"], "of kind benign"),
                        ([ckpt, "--base=False"], "--transfer=False"),
