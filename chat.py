@@ -503,15 +503,23 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     return out
 
 
-def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None):
+TWIN_TARGETS = ('call', 'no_eot')
+
+
+def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None, twin_target='call'):
     """Give each trip row (trip_rows, from `rows`) its contrasts, encoded in trips[i]['contrast']: the same
     injected prompt answered with the user's call (its redirect row), and a clean request that calls the
     attacker's tool (a seeded draw among them). Trained in one step beside the trip row, they make its lesson
     "end the turn inside the attacker's call", not "inside a call" nor "after an injection". With twins
     ({id: clean twin row}, twins_of), a third: the clean twin (the same request without the injection) with the
-    same attacker's call forced, trained to go on from the forced-call cut: the very call tokens the trip row
-    ends, continued where no injection put them there. A trip row whose prompt has no redirect row, whose
-    attacker's tool no clean request calls, or (with twins) that names no twin, is a DataError naming it."""
+    same attacker's call forced, trained from the forced-call cut on: the very call tokens the trip row ends,
+    continued where no injection put them there (twin_target 'call': towards the attacker's call's tokens, which
+    also teaches a clean request the attacker's argument values; 'no_eot': only away from <|eot_id|> at each of
+    those positions, labels -(eot_id + 1), the unlikelihood that step.completion_ce reads). A trip row whose
+    prompt has no redirect row, whose attacker's tool no clean request calls, or (with twins) that names no twin,
+    is a DataError naming it."""
+    if twin_target not in TWIN_TARGETS:
+        raise DataError(f'trip twin target: unknown "{twin_target}" (targets: {", ".join(TWIN_TARGETS)})')
     key = lambda r: json.dumps([r['messages'], r['tools']], sort_keys=True)  # the prompt, as render sees it
     answered = {key(r): r for r in rows if r['kind'] != 'harmful' and r['attacker_tool'] is not None}
     legit = {}
@@ -535,8 +543,11 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None)
             prompt = prompt_ids(tok, t['messages'], t['tools'])
             ids = prompt + call_ids(tok, r['completion']['tool_call'])
             start = len(prompt) + len(forced_prefill(tok, r['attacker_tool']))  # eval's forced-call cut
-            e['contrast'].append({'ids': ids, 'cb_mask': [0] * len(ids),
-                                  'target_mask': [int(j >= start) for j in range(len(ids))]})
+            on = [int(j >= start) for j in range(len(ids))]
+            e['contrast'].append({'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on}
+                                 if twin_target == 'call' else
+                                 {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,
+                                  'labels': [-(tok.eot_id + 1) if m else i for i, m in zip(ids, on)]})
 
 
 def with_trips(batch, trips, step, n, seed):

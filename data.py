@@ -17,7 +17,7 @@ import random
 import re
 import string
 
-from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, DataError, attach_contrasts, bundled_tokenizer_dir,
+from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, TWIN_TARGETS, DataError, attach_contrasts, bundled_tokenizer_dir,
                   call_segments, check_row, collate, departure_start, encode_sample, load_jsonl, load_tokenizer,
                   mask_report, prompt_ids, pushed_tool, render, step_batch, tool_call_text, twins_of, with_trips,
                   write_jsonl)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import losses
 from chat import collate
 from lora import adapters_off
-from model import class_cross_entropy
+from model import class_cross_entropy, class_logits
 
 
 # On a GPU every length a batch has never had before costs the step a first time in its kernels (an 8B step on an
@@ -96,13 +96,23 @@ def coefficients(step, cfg):
 def completion_ce(model, h, b):
     """Summed cross-entropy of b's completion tokens (target_mask; towards b's labels, which are its ids except on
     trip rows at every depth) from the last hidden states h (B, T, D), after the final norm: only the target
-    positions go through the lm_head, by its distinct rows where they are grouped (model.head)."""
+    positions go through the lm_head, by its distinct rows where they are grouped (model.head). A label -(x + 1)
+    asks for anything but token x there (the trip's clean-twin contrast with trip_twin_target='no_eot'): its term
+    is the unlikelihood -log(1 - p(x))."""
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
+    h, labels = h[:, :-1][emit], b["labels"][:, 1:][emit]
+    like = labels >= 0
     if model.head is not None:
-        return class_cross_entropy(model.head, h[:, :-1][emit], b["labels"][:, 1:][emit])
-    logits = model.lm_head(h[:, :-1][emit])  # (n_targets, vocab)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-    return F.cross_entropy(logits, b["labels"][:, 1:][emit], reduction="sum")
+        ce = class_cross_entropy(model.head, h[like], labels[like])
+        logits = class_logits(model.head, h[~like])  # (n_unlikely, U): a class per distinct row
+        log_p = logits.gather(-1, model.head[2][-labels[~like] - 1][:, None])[:, 0] \
+            - torch.logsumexp(logits + model.head[1].to(logits.dtype), -1)
+    else:
+        logits = model.lm_head(h)  # (n_targets, vocab)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
+        ce = F.cross_entropy(logits[like], labels[like], reduction="sum")
+        log_p = logits[~like].log_softmax(-1).gather(-1, (-labels[~like] - 1)[:, None])[:, 0]
+    return ce - torch.log(-torch.expm1(log_p.clamp(max=-1e-6))).sum()  # log(1 - p), stable as p -> 0
 
 
 def adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast=nullcontext(), dynamic=False):

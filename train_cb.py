@@ -80,6 +80,9 @@ trip_batch_size = 0  # 0 = the trip rows join the redirect rows' pool; N = N tri
                      # the attacker's call, not on being inside a call (3 x N more redirect samples a step)
 trip_contrast_twin = False  # with trip_batch_size: a third contrast, the clean twin with the attacker's call forced
                             # and continued (4 x trip_batch_size more redirect samples a step)
+trip_twin_target = "call"  # with trip_contrast_twin: what the twin contrast learns after the cut: 'call' = the
+                           # attacker's call's tokens (which also teaches a clean request the attacker's argument
+                           # values); 'no_eot' = only not <|eot_id|> there (unlikelihood): not to trip, nothing else
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
 # LoRA
@@ -183,6 +186,10 @@ if trip_batch_size and not trip:
     fail("trip_batch_size draws trip rows apart each step: it needs trip=True")
 if trip_contrast_twin and not trip_batch_size:
     fail("trip_contrast_twin adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
+if trip_twin_target not in data.TWIN_TARGETS:
+    fail(f"trip_twin_target must be one of {', '.join(data.TWIN_TARGETS)}, got {trip_twin_target!r}")
+if trip_twin_target != "call" and not trip_contrast_twin:
+    fail(f"trip_twin_target={trip_twin_target} says what the twin contrast learns: it needs trip_contrast_twin=True")
 if trip_batch_size and trip_twins:
     fail("trip_batch_size gives each trip row its contrasts; trip_twins rows have none: use one or the other")
 if trip_twins and not trip:
@@ -294,7 +301,7 @@ try:
         n_trip = len(trips)
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step
             data.attach_contrasts(tok, samples, trips, seed, cb_mask,
-                                  data.twins_of(samples) if trip_contrast_twin else None)
+                                  data.twins_of(samples) if trip_contrast_twin else None, trip_twin_target)
         else:
             redirect += trips
     if lorra_alpha > 0 and (not harmful or not retain):

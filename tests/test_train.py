@@ -363,13 +363,16 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_batch_size=1", "--redirect_batch_size=4", "--grad_accum=2"),
      "redirect_batch_size + 3 x trip_batch_size 7 is not divisible"),
     (lambda b, d, t: ("--trip_contrast_twin",), "it needs trip_batch_size > 0"),
+    (lambda b, d, t: ("--trip_twin_target=no_eot",), "it needs trip_contrast_twin=True"),
+    (lambda b, d, t: ("--trip_depth=all", "--trip_batch_size=2", "--trip_contrast_twin", "--trip_twin_target=x"),
+     "trip_twin_target must be one of call, no_eot, got 'x'"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
         "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
-        "twin_contrast_without_trip_batch"])
+        "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast", "unknown_twin_target"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -550,6 +553,49 @@ def test_each_trip_row_is_drawn_beside_its_two_contrasts(data_dir):
     twinless = [dict(r, twin=None) if r["id"] == trips[1]["source"] else r for r in rows]
     with pytest.raises(data.DataError, match=f'{trips[1]["source"]}: .* and its clean twin; the data has no clean tw'):
         data.attach_contrasts(tok, twinless, trips, twins=data.twins_of(twinless))
+
+
+def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
+    # completion_ce: a label -(x + 1) adds -log(1 - p(x)) at that position, the rest stays cross-entropy; the same
+    # with the lm_head whole and grouped by distinct rows (float64)
+    import step
+    from chat import collate
+    from model import Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
+                              max_seq_len=64)).double()
+    with torch.no_grad():
+        model.lm_head.weight[40:] = 0  # 24 equal rows, for the grouped head
+    ids = [3, 9, 17, 4, 22, 31, 7, 12]
+    on = [0, 0, 0, 1, 1, 1, 1, 1]
+    labels = [i if k < 5 else -(45 + 1) if k == 5 else -(5 + 1) for k, i in enumerate(ids)]  # 45: a zero row
+    b = collate([{"ids": ids, "cb_mask": [0] * 8, "target_mask": on, "labels": labels}], 0)
+    with torch.no_grad():
+        p = model(torch.tensor([ids]))[0][0].softmax(-1)  # (T, V): row t predicts token t + 1
+        want = -p[2, 4].log() - p[3, 22].log() - (1 - p[4, 45]).log() - (1 - p[5, 5]).log() - (1 - p[6, 5]).log()
+        whole = step.completion_ce(model, step.hidden_states(model, model, b["ids"], False)[-1], b)
+        model.group_head_rows()
+        grouped = step.completion_ce(model, step.hidden_states(model, model, b["ids"], False)[-1], b)
+    assert model.head is not None
+    assert torch.allclose(whole, want, rtol=1e-10, atol=0) and torch.allclose(grouped, want, rtol=1e-10, atol=0)
+
+
+def test_the_no_eot_twin_contrast_only_keeps_the_turn_open(data_dir):
+    # trip_twin_target='no_eot': the twin contrast has the same ids and positions as 'call', each labelled
+    # "not <|eot_id|>", so it no longer teaches a clean request the attacker's argument values
+    from chat import trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    call_twin, no_eot = (trip_rows(tok, rows, 1.0, seed=3, depth="all") for _ in range(2))
+    data.attach_contrasts(tok, rows, call_twin, seed=3, twins=data.twins_of(rows))
+    data.attach_contrasts(tok, rows, no_eot, seed=3, twins=data.twins_of(rows), twin_target="no_eot")
+    for a, b in zip(call_twin, no_eot):
+        assert a["contrast"][:2] == b["contrast"][:2]  # the other contrasts unchanged
+        x, y = a["contrast"][2], b["contrast"][2]
+        assert x["ids"] == y["ids"] and x["target_mask"] == y["target_mask"] and "labels" not in x
+        assert y["labels"] == [-(tok.eot_id + 1) if m else i for i, m in zip(y["ids"], y["target_mask"])]
+    with pytest.raises(data.DataError, match='trip twin target: unknown "eot"'):
+        data.attach_contrasts(tok, rows, no_eot, twins=data.twins_of(rows), twin_target="eot")
 
 
 def test_trip_batch_size_trains_its_trip_rows_apart(base, data_dir, tmp_path):
