@@ -506,7 +506,7 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
 TWIN_TARGETS = ('call', 'no_eot')
 
 
-def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None, twin_target='call'):
+def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None, twin_target='call', same=False):
     """Give each trip row (trip_rows, from `rows`) its contrasts, encoded in trips[i]['contrast']: the same
     injected prompt answered with the user's call (its redirect row), and a clean request that calls the
     attacker's tool (a seeded draw among them). Trained in one step beside the trip row, they make its lesson
@@ -515,26 +515,33 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
     same attacker's call forced, trained from the forced-call cut on: the very call tokens the trip row ends,
     continued where no injection put them there (twin_target 'call': towards the attacker's call's tokens, which
     also teaches a clean request the attacker's argument values; 'no_eot': only away from <|eot_id|> at each of
-    those positions, labels -(eot_id + 1), the unlikelihood that step.completion_ce reads). A trip row whose
-    prompt has no redirect row, whose attacker's tool no clean request calls, or (with twins) that names no twin,
-    is a DataError naming it."""
+    those positions, labels -(eot_id + 1), the unlikelihood that step.completion_ce reads). With same, a last
+    one: another injected prompt whose user asked for the attacker's tool, answered with the user's call to it (a
+    seeded draw among the redirect rows), so that the trip keys on a tool that does not fit the request and not on
+    an injection beside a call of that tool (a parameter hijack keeps the user's tool). A trip row whose prompt has
+    no redirect row, whose attacker's tool no clean request calls, (with twins) that names no twin, or (with same)
+    whose attacker's tool no redirect row calls, is a DataError naming it."""
     if twin_target not in TWIN_TARGETS:
         raise DataError(f'trip twin target: unknown "{twin_target}" (targets: {", ".join(TWIN_TARGETS)})')
     key = lambda r: json.dumps([r['messages'], r['tools']], sort_keys=True)  # the prompt, as render sees it
     answered = {key(r): r for r in rows if r['kind'] != 'harmful' and r['attacker_tool'] is not None}
-    legit = {}
+    legit, redirected = {}, {}
     for r in rows:
-        if r['kind'] != 'harmful' and r['attacker_tool'] is None and r['expected_tool']:
-            legit.setdefault(r['expected_tool'], []).append(r)
+        if r['kind'] != 'harmful' and r['expected_tool']:
+            (legit if r['attacker_tool'] is None else redirected).setdefault(r['expected_tool'], []).append(r)
     by_id, draw = {r['id']: r for r in rows}, random.Random(f'{seed}:contrast').choice
+    draw_same = random.Random(f'{seed}:same').choice  # its own stream: same=False draws what it drew before
     for e in trips:
         r = by_id[e['source']]
         missing = ('no redirect row for it' if key(r) not in answered else
                    f'no clean request that calls {r["attacker_tool"]}' if r['attacker_tool'] not in legit else
-                   'no clean twin' if twins is not None and r['id'] not in twins else None)
+                   'no clean twin' if twins is not None and r['id'] not in twins else
+                   f'no redirect row that calls {r["attacker_tool"]}' if same and r['attacker_tool'] not in redirected
+                   else None)
         if missing:
             raise DataError(f'{r["id"]}: a trip row needs its prompt answered with the user\'s call, a clean request '
                             f'that calls the attacker\'s tool' + (' and its clean twin' if twins is not None else '')
+                            + (' and an injected request for that tool answered with it' if same else '')
                             + f'; the data has {missing}')
         e['contrast'] = [encode_sample(tok, answered[key(r)], cb_mask),
                          encode_sample(tok, draw(legit[r['attacker_tool']]), cb_mask)]
@@ -548,6 +555,8 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
                                  if twin_target == 'call' else
                                  {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,
                                   'labels': [-(tok.eot_id + 1) if m else i for i, m in zip(ids, on)]})
+        if same:
+            e['contrast'].append(encode_sample(tok, draw_same(redirected[r['attacker_tool']]), cb_mask))
 
 
 def with_trips(batch, trips, step, n, seed):

@@ -83,6 +83,9 @@ trip_contrast_twin = False  # with trip_batch_size: a third contrast, the clean 
 trip_twin_target = "call"  # with trip_contrast_twin: what the twin contrast learns after the cut: 'call' = the
                            # attacker's call's tokens (which also teaches a clean request the attacker's argument
                            # values); 'no_eot' = only not <|eot_id|> there (unlikelihood): not to trip, nothing else
+trip_contrast_same = False  # with trip_batch_size: a last contrast, another injected request for the attacker's tool
+                            # answered with the user's call to it: the trip keys on a tool that does not fit the
+                            # request, not on an injection beside that tool's call (a hijack keeps the user's tool)
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
 # LoRA
@@ -186,6 +189,8 @@ if trip_batch_size and not trip:
     fail("trip_batch_size draws trip rows apart each step: it needs trip=True")
 if trip_contrast_twin and not trip_batch_size:
     fail("trip_contrast_twin adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
+if trip_contrast_same and not trip_batch_size:
+    fail("trip_contrast_same adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
 if trip_twin_target not in data.TWIN_TARGETS:
     fail(f"trip_twin_target must be one of {', '.join(data.TWIN_TARGETS)}, got {trip_twin_target!r}")
 if trip_twin_target != "call" and not trip_contrast_twin:
@@ -213,7 +218,7 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-per_trip = 4 if trip_contrast_twin else 3  # a trip row and its contrasts
+per_trip = 3 + trip_contrast_twin + trip_contrast_same  # a trip row and its contrasts
 for name, n in (("batch_size", batch_size),
                 ("redirect_batch_size" + (f" + {per_trip} x trip_batch_size" if trip_batch_size else ""),
                  redirect_batch_size + per_trip * trip_batch_size)):
@@ -301,7 +306,8 @@ try:
         n_trip = len(trips)
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step
             data.attach_contrasts(tok, samples, trips, seed, cb_mask,
-                                  data.twins_of(samples) if trip_contrast_twin else None, trip_twin_target)
+                                  data.twins_of(samples) if trip_contrast_twin else None, trip_twin_target,
+                                  trip_contrast_same)
         else:
             redirect += trips
     if lorra_alpha > 0 and (not harmful or not retain):

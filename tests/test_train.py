@@ -364,6 +364,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
      "redirect_batch_size + 3 x trip_batch_size 7 is not divisible"),
     (lambda b, d, t: ("--trip_contrast_twin",), "it needs trip_batch_size > 0"),
     (lambda b, d, t: ("--trip_twin_target=no_eot",), "it needs trip_contrast_twin=True"),
+    (lambda b, d, t: ("--trip_contrast_same",), "it needs trip_batch_size > 0"),
     (lambda b, d, t: ("--trip_depth=all", "--trip_batch_size=2", "--trip_contrast_twin", "--trip_twin_target=x"),
      "trip_twin_target must be one of call, no_eot, got 'x'"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
@@ -372,7 +373,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
         "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
-        "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast", "unknown_twin_target"])
+        "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
+        "same_contrast_without_trip_batch", "unknown_twin_target"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -553,6 +555,35 @@ def test_each_trip_row_is_drawn_beside_its_two_contrasts(data_dir):
     twinless = [dict(r, twin=None) if r["id"] == trips[1]["source"] else r for r in rows]
     with pytest.raises(data.DataError, match=f'{trips[1]["source"]}: .* and its clean twin; the data has no clean tw'):
         data.attach_contrasts(tok, twinless, trips, twins=data.twins_of(twinless))
+
+
+def test_the_same_tool_contrast_is_an_injected_request_for_the_attackers_tool_answered_with_it(data_dir):
+    # trip_contrast_same: a last contrast, another injected prompt whose user asked for the attacker's tool, answered
+    # with the user's call to it, so that the trip does not end a parameter hijack's own call (the same tool); the
+    # other contrasts are the ones drawn without it
+    from chat import encode_sample, trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    by_id = {r["id"]: r for r in rows}
+    plain, same = (trip_rows(tok, rows, 0.3, seed=3, depth="all") for _ in range(2))
+    data.attach_contrasts(tok, rows, plain, seed=3)
+    data.attach_contrasts(tok, rows, same, seed=3, same=True)
+    encoded = {}
+    for r in rows:
+        if r["kind"] != "harmful" and r["attacker_tool"] is not None:
+            encoded.setdefault(r["expected_tool"], []).append(encode_sample(tok, r))
+    for a, b in zip(plain, same):
+        assert len(a["contrast"]) == 2 and b["contrast"][:2] == a["contrast"]
+        flip, last = by_id[b["source"]], b["contrast"][2]
+        assert last in encoded[flip["attacker_tool"]]  # an injected request whose user asked for that tool
+        assert last != a["contrast"][0] and f'"name": "{flip["attacker_tool"]}"' in tok.decode(last["ids"][-40:])
+    assert len({tuple(e["contrast"][2]["ids"]) for e in same}) > 1  # a draw
+    tool = by_id[same[0]["source"]]["attacker_tool"]
+    without = [r for r in rows if not (r["kind"] != "harmful" and r["attacker_tool"] is not None
+                                       and r["expected_tool"] == tool)]
+    with pytest.raises(data.DataError, match=f'{same[0]["source"]}: .* an injected request for that tool answered '
+                                             f'with it; the data has no redirect row that calls {tool}'):
+        data.attach_contrasts(tok, without, trip_rows(tok, [by_id[same[0]["source"]]], 1.0), same=True)
 
 
 def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
