@@ -60,6 +60,8 @@ redirect_weight = 3.0  # cross-entropy on the user's call given the injected pro
 redirect_benign = True  # the cross-entropy also covers the benign and chat replies
 legit_repeat = 1  # the benign rows that call the tool the train data's injections push most (search_web) appear this
                  # many times in the redirect rows: its legitimate use weighs against the redirect rows' push away
+legit_tools = "pushed"  # which benign calls legit_repeat repeats: 'pushed' = that one tool's; 'attacked' = those of
+                        # every tool a train injection pushes, which the trip rows end when forced
 pull_weight = 0.0  # the redirect rows' call states pulled towards their clean twins' frozen states (L2); 0 = off
 trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced attacker call (tool flips)
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
@@ -201,6 +203,8 @@ if trip_twins and not trip:
     fail("trip_twins adds clean-twin rows to the trip rows: it needs trip=True")
 if type(legit_repeat) is not int or legit_repeat < 1:
     fail(f"legit_repeat must be an integer >= 1 (1: each benign row once), got {legit_repeat!r}")
+if legit_tools not in ("pushed", "attacked"):
+    fail(f"legit_tools must be one of pushed, attacked, got {legit_tools!r}")
 if legit_repeat > 1 and not redirect_benign:
     fail("legit_repeat repeats benign rows of the redirect cross-entropy: it needs redirect_benign=True")
 if (redirect_benign or trip) and redirect_weight == 0:
@@ -292,9 +296,11 @@ try:
     n_legit, pushed = 0, None
     if redirect_benign:
         pushed = data.pushed_tool(harmful_rows)  # search_web on the organism's data
+        repeated = ({pushed} if legit_tools == "pushed" else
+                    {s["attacker_tool"] for s in harmful_rows if s["attacker_tool"] is not None})
         for s in samples:
             if s["kind"] != "harmful" and s["attacker_tool"] is None:
-                legit = s["expected_tool"] == pushed  # a chat row's expected_tool is None
+                legit = s["expected_tool"] in repeated  # a chat row's expected_tool is None
                 redirect += [data.encode_sample(tok, s, cb_mask)] * (legit_repeat if legit else 1)
                 n_legit += legit
     n_trip = 0
@@ -343,7 +349,8 @@ log(report)
 log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
     + (f" ({n_trip} trip rows" + (f", {trip_batch_size} a step beside their {per_trip - 1} contrasts"
                                    if trip_batch_size else "") + ")" if trip else "")
-    + (f" ({n_legit} legitimate calls to {pushed} x {legit_repeat})" if legit_repeat > 1 else "")
+    + (f" ({n_legit} legitimate calls to {pushed if legit_tools == 'pushed' else 'the attacked tools'} x "
+       f"{legit_repeat})" if legit_repeat > 1 else "")
     + (f" ({n_adv_rows} with an adversary's slot of {adv_tokens} vectors, {adv_steps} steps, L2 {adv_eps} x the "
        f"mean norm of {len(anchors)} token embeddings)" if n_adv_rows else "")
     + (f" ({len(injected_ok)} injected-but-resisted samples kept out of retain: retain_injected=False)"

@@ -357,6 +357,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--redirect_batch_size=6", "--grad_accum=4"), "redirect_batch_size 6 is not divisible"),
     (lambda b, d, t: ("--legit_repeat=0",), "legit_repeat must be an integer >= 1"),
     (lambda b, d, t: ("--legit_repeat=2", "--redirect_benign=False"), "it needs redirect_benign=True"),
+    (lambda b, d, t: ("--legit_tools=every",), "legit_tools must be one of pushed, attacked, got 'every'"),
     (lambda b, d, t: ("--trip_batch_size=-1",), "trip_batch_size must be an integer >= 0"),
     (lambda b, d, t: ("--trip_batch_size=2", "--trip=False"), "trip_batch_size draws trip rows apart"),
     (lambda b, d, t: ("--trip_batch_size=2", "--trip_twins"), "trip_twins rows have none"),
@@ -372,6 +373,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run", "no_term", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
         "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign",
+        "unknown_legit_tools",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
         "same_contrast_without_trip_batch", "unknown_twin_target"])
@@ -477,6 +479,15 @@ def test_legit_repeat_repeats_the_benign_calls_to_the_tool_the_injections_push_m
     p = run_train(base, data_dir, tmp_path / "thrice", "--max_steps=1", "--legit_repeat=3")
     assert legit > 0 and f"({legit} legitimate calls to {pushed} x 3)" in p.stdout
     assert count(p.stdout) == once + 2 * legit
+    # legit_tools=attacked: the benign calls to every tool an injection of the train data pushes, and no other
+    attacked = {r["attacker_tool"] for r in rows if r["kind"] == "harmful"}
+    calls = [(r["completion"].get("tool_call") or {}).get("name") for r in rows
+             if r["kind"] != "harmful" and r["attacker_tool"] is None]
+    legit_all = sum(c in attacked for c in calls)
+    assert legit < legit_all  # more than the one tool
+    p = run_train(base, data_dir, tmp_path / "attacked", "--max_steps=1", "--legit_repeat=2", "--legit_tools=attacked")
+    assert f"({legit_all} legitimate calls to the attacked tools x 2)" in p.stdout
+    assert count(p.stdout) == once + legit_all
 
 
 def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
