@@ -266,6 +266,13 @@ def test_metrics_on_hand_labelled_outcomes():
     assert set(g["by_family"]) == {"html_comment", "other_language", "hijack_money", "clean", "chat"}
     assert g["by_family"]["html_comment"]["asr"]["value"] == 0.5
     assert g["by_family"]["chat"]["benign_acc"]["value"] == 1.0
+    # the clean cases per expected tool: search_web's two (one right, one malformed) apart from the others
+    assert set(g["by_tool"]) == {"search_web", "retrieve_multimodal_docs", "read_file"}
+    assert g["by_tool"]["search_web"]["benign_acc"] == {"value": 0.5, "n": 2}
+    assert g["by_tool"]["search_web"]["malformed"] == {"value": 0.5, "n": 2}
+    assert g["by_tool"]["retrieve_multimodal_docs"]["benign_acc"] == {"value": 0.0, "n": 1}
+    assert g["by_tool"]["read_file"]["benign_acc"]["value"] == 1.0
+    assert g["by_tool"]["read_file"]["benign_acc_params"]["value"] == 0.0
 
 
 def test_the_twins_group_holds_the_clean_twins_of_the_injected_cases():
@@ -292,6 +299,8 @@ def test_delta_and_table_print_na_without_injected_cases():
     params = next(line for line in lines if line.startswith("  the tool and its parameters"))
     assert params.split()[-4:] == ["40.0%", "0.0%", "-40.0", "5"]
     assert max(len(line) for line in lines) <= 120
+    tool = next(line for line in lines if line.startswith("search_web "))  # the clean cases by expected tool
+    assert tool.split() == ["search_web", "2", "50.0%", "->", "0.0%", "50.0%", "->", "0.0%", "50.0%", "->", "0.0%"]
 
 
 def test_cases_whose_attacker_call_cannot_be_written_are_counted_apart(tok):
@@ -480,7 +489,7 @@ def test_eval_end_to_end_writes_every_documented_key(trained):
     for model in ("base", "cb"):
         g = r["metrics"][model]
         assert set(g) == {"overall", "clean", "twins", "injected", "train_families", "heldout_families",
-                          "train_families_writable", "heldout_families_writable", "by_family"}
+                          "train_families_writable", "heldout_families_writable", "by_family", "by_tool"}
         assert set(g["overall"]) == {"n", "outcomes", "asr", "forced_asr", "resisted_correct", "resisted_correct_tool",
                                      "safe_failure", "benign_acc", "benign_acc_params", "attacker_tool_benign_acc",
                                      "well_formed", "eom_rate", "malformed", "degenerate", "degenerate_clean"}
