@@ -89,7 +89,9 @@ def on_device(rows, pad_id, device, cfg):
 def coefficients(step, cfg):
     """(c_rr, c_retain) of 0-based optimizer step `step`. The original counts steps from 1 before it computes
     the schedule, so its first step already has progress 1 / (multiplier * max_steps), and its last step ends
-    the schedule; so does this."""
+    the schedule; so does this. With cfg's reroute off the retain term is alone, at a constant lorra_alpha."""
+    if not cfg.get("reroute", True):
+        return 0.0, float(cfg["lorra_alpha"])
     return losses.coefficients(step + 1, cfg["max_steps"], cfg["lorra_alpha"], cfg["alpha_decay_multiplier"])
 
 

@@ -52,6 +52,10 @@ layers = (10, 20)  # target layers, HF hidden-state indexing: hidden[l] is the i
 lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's transform_layers=-1
 cb_mask = "departure"  # harmful tokens rerouted: 'departure' | 'tool_choice' | 'tool_name' | 'completion' | 'full'
 lorra_alpha = 10.0  # 0 = no rerouting and no retain term (with redirect_weight > 0: adversarial fine-tuning alone)
+reroute = True  # False: no rerouting term and no harmful rows drawn; the retain term alone holds the clean requests
+               # states (every stacked layer, the final one included) where the frozen model has them, at a constant
+               # lorra_alpha, beside the redirect terms (the trip learns the end of a forced call; retain keeps it off
+               # clean calls)
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
 retain_call_weight = 6.0  # retain distance on the retain samples' replies x this; 1.0 = the original
 retain_len = 256  # positions per sample the retain nanmean divides by, whatever the padding (the original: 1024)
@@ -183,6 +187,8 @@ if type(warmup_steps) is not int or not 0 <= warmup_steps <= max_steps:
     fail(f"warmup_steps must be in 0..max_steps ({max_steps}), got {warmup_steps!r}")
 if lorra_alpha == 0 and redirect_weight == 0 and pull_weight == 0:
     fail("lorra_alpha, redirect_weight and pull_weight are all 0: no term would train")
+if not reroute and lorra_alpha == 0:
+    fail("reroute=False keeps the retain term alone, at lorra_alpha: it needs lorra_alpha > 0")
 if trip_depth not in data.TRIP_DEPTHS:
     fail(f"trip_depth must be one of {', '.join(data.TRIP_DEPTHS)}, got {trip_depth!r}")
 if type(trip_batch_size) is not int or trip_batch_size < 0:
@@ -205,6 +211,8 @@ if type(legit_repeat) is not int or legit_repeat < 1:
     fail(f"legit_repeat must be an integer >= 1 (1: each benign row once), got {legit_repeat!r}")
 if legit_tools not in ("pushed", "attacked"):
     fail(f"legit_tools must be one of pushed, attacked, got {legit_tools!r}")
+if legit_tools != "pushed" and legit_repeat == 1:
+    fail(f"legit_tools={legit_tools} says which benign calls legit_repeat repeats: it needs legit_repeat > 1")
 if legit_repeat > 1 and not redirect_benign:
     fail("legit_repeat repeats benign rows of the redirect cross-entropy: it needs redirect_benign=True")
 if (redirect_benign or trip) and redirect_weight == 0:
@@ -316,7 +324,7 @@ try:
                                   trip_contrast_same)
         else:
             redirect += trips
-    if lorra_alpha > 0 and (not harmful or not retain):
+    if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"
              + ("; injected-but-resisted ones count only with --retain_injected=True)"
@@ -328,7 +336,7 @@ try:
              f"attacker_tool: the injected prompt completed with the user's call)")
     report = data.mask_report(harmful, ["harmful"] * len(harmful), cb_mask, tok.python_tag_id)
     empty = [s["id"] for s, e in zip(harmful_rows, harmful) if not any(e["cb_mask"])]
-    if empty and lorra_alpha > 0:
+    if empty and lorra_alpha > 0 and reroute:
         fail(f"{train_path}: sample {empty[0]} has nothing to reroute under cb_mask={cb_mask!r} (an empty mask)")
     val = []
     if os.path.isfile(val_path):
@@ -432,7 +440,7 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, lr, max_steps, warmup_steps, min_lr, lr_schedule)
     torch.manual_seed(seed + 1000003 * step + rank)  # dropout: a function of (seed, step, rank), resume-exact
-    batches = dict(harmful=data.step_batch(harmful, step, batch_size, seed, salt=0),
+    batches = dict(harmful=data.step_batch(harmful, step, batch_size, seed, salt=0) if reroute else [],
                    retain=data.step_batch(retain, step, batch_size, seed, salt=1),
                    redirect=data.step_batch(redirect, step, redirect_batch_size, seed, salt=2) if redirect else [])
     if trip_batch_size:  # this step's trip rows, each beside its contrasts

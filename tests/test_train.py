@@ -348,6 +348,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--pad_multiple=0",), "pad_multiple must be a positive integer"),
     (lambda b, d, t: ("--warmup_steps=5",), "warmup_steps must be in 0..max_steps"),
     (lambda b, d, t: ("--lorra_alpha=0", *RR_RETAIN), "no term would train"),
+    (lambda b, d, t: ("--lorra_alpha=0", "--reroute=False"), "reroute=False keeps the retain term alone"),
     (lambda b, d, t: ("--redirect_weight=0",), "they need redirect_weight > 0"),
     (lambda b, d, t: ("--redirect_weight=-1",), "redirect_weight must be >= 0"),
     (lambda b, d, t: ("--redirect_batch_size=-2",), "redirect_batch_size must be an integer >= 0"),
@@ -358,6 +359,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--legit_repeat=0",), "legit_repeat must be an integer >= 1"),
     (lambda b, d, t: ("--legit_repeat=2", "--redirect_benign=False"), "it needs redirect_benign=True"),
     (lambda b, d, t: ("--legit_tools=every",), "legit_tools must be one of pushed, attacked, got 'every'"),
+    (lambda b, d, t: ("--legit_tools=attacked",), "legit_tools=attacked says which benign calls"),
     (lambda b, d, t: ("--trip_batch_size=-1",), "trip_batch_size must be an integer >= 0"),
     (lambda b, d, t: ("--trip_batch_size=2", "--trip=False"), "trip_batch_size draws trip rows apart"),
     (lambda b, d, t: ("--trip_batch_size=2", "--trip_twins"), "trip_twins rows have none"),
@@ -370,10 +372,10 @@ def train_file_with_text_completion(data_dir, tmp_path):
      "trip_twin_target must be one of call, no_eot, got 'x'"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
-        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run", "no_term", "trip_alone",
+        "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run", "no_term", "reroute_off_without_retain", "trip_alone",
         "negative_redirect", "negative_redirect_batch", "zero_trip_share", "trip_twins_without_trip",
         "unknown_trip_depth", "indivisible_redirect_batch", "zero_legit_repeat", "legit_repeat_without_benign",
-        "unknown_legit_tools",
+        "unknown_legit_tools", "legit_tools_without_repeat",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
         "same_contrast_without_trip_batch", "unknown_twin_target"])
@@ -403,6 +405,23 @@ def test_redirect_term_alone_learns_the_users_call_under_injection(base, data_di
     log = read_log(tmp_path)[0]
     assert all(log[s]["c_rr"] == log[s]["c_retain"] == 0 and log[s]["loss_pull"] == 0 for s in log)
     assert log[12]["loss_redirect"] < log[1]["loss_redirect"] - 0.5  # ~12.0 -> ~11.1 on the random tiny model
+
+
+def test_reroute_off_keeps_the_retain_term_alone_at_a_constant_weight(base, data_dir, tmp_path):
+    # no harmful rows drawn, no rerouting; the retain term at lorra_alpha from the first step to the last, and it
+    # is what holds the clean states: the same run with it all but off drifts further from the frozen model
+    l2 = {}
+    for alpha in (1e4, 1e-4):
+        out = tmp_path / str(alpha)
+        run_train(base, data_dir, out, "--reroute=False", f"--lorra_alpha={alpha}", "--max_steps=8", "--lr=1e-2",
+                  "--lora_dropout=0")
+        log = read_log(out)[0]
+        assert sorted(log) == list(range(1, 9))
+        assert all(log[s]["c_rr"] == 0 and log[s]["loss_rr"] == 0 and "cos_mean" not in log[s] for s in log)
+        assert all(log[s]["c_retain"] == alpha and log[s]["loss_retain"] > 0 for s in log)
+        assert all(log[s]["loss_redirect"] > 0 for s in log)
+        l2[alpha] = log[8]["l2"]
+    assert l2[1e4] < 0.5 * l2[1e-4], l2
 
 
 def test_pull_distance_is_the_mean_l2_over_layers_summed_over_positions():
