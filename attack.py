@@ -247,7 +247,8 @@ def target_loss(model, head, prefix, embeds, target, misses=False):
     logits = class_logits(head, h)  # (B, n, U): a class per distinct row
     full = logits + log_counts.to(logits.dtype)  # the full vocabulary: each class counted as often as its row is
     t = cls[target]
-    loss = (full.logsumexp(-1) - full.gather(-1, t.expand(logits.shape[0], -1)[..., None])[..., 0]).mean(-1)
+    # the target token's own logit (its row's, without the row's count: the others sharing it are other tokens)
+    loss = (full.logsumexp(-1) - logits.gather(-1, t.expand(logits.shape[0], -1)[..., None])[..., 0]).mean(-1)
     return (loss, (class_argmax(head, logits) != target).sum(-1)) if misses else loss
 
 

@@ -123,14 +123,17 @@ def test_target_loss_is_the_full_vocabulary_nll_after_the_cached_prefix(tok, pla
     head, W = attack.head_classes(model.lm_head.weight), model.embed_tokens.weight
     assert len(head[0]) < 1000  # the shared zero rows are one class: the dedup path is the one under test
     advs = [planted["adv0"], [planted["trigger"]] + planted["adv0"][1:]]
-    rest = torch.tensor(lay["tail"] + target[:-1])
-    embeds = torch.stack([W[torch.cat([torch.tensor(a), rest])] for a in advs])
-    got = attack.target_loss(model, head, attack.prefix_cache(model, lay["head"]), embeds, torch.tensor(target))
-    for a, loss in zip(advs, got):
-        ids = torch.tensor([lay["head"] + a + lay["tail"] + target])
-        logp = model(ids)[0][0, -len(target) - 1:-1].log_softmax(-1)
-        want = -logp.gather(-1, torch.tensor(target)[:, None]).mean()
-        assert abs(float(loss) - float(want)) < 1e-10
+    # and a target whose last token's lm_head row other tokens share: its probability is its own, not its row's
+    shared = next(i for i in range(W.shape[0]) if head[1][head[2][i]] > 0)
+    for target in (target, target[:-1] + [shared]):
+        rest = torch.tensor(lay["tail"] + target[:-1])
+        embeds = torch.stack([W[torch.cat([torch.tensor(a), rest])] for a in advs])
+        got = attack.target_loss(model, head, attack.prefix_cache(model, lay["head"]), embeds, torch.tensor(target))
+        for a, loss in zip(advs, got):
+            ids = torch.tensor([lay["head"] + a + lay["tail"] + target])
+            logp = model(ids)[0][0, -len(target) - 1:-1].log_softmax(-1)
+            want = -logp.gather(-1, torch.tensor(target)[:, None]).mean()
+            assert abs(float(loss) - float(want)) < 1e-10
 
 
 def test_greedy_from_the_cached_prefix_is_generate(tok, planted):
