@@ -199,9 +199,14 @@ def expected_parameters(case):
 
 def attacker_choices(case):
     """[(argument, value), ...]: the attacker's values where they differ from the user's: attacker_parameters',
-    then any other value attacker_values gives for an argument."""
+    then any other value attacker_values gives for an argument. Where attacker_values names the argument the
+    injection is after, only that argument counts: a hijack of execute_code's code that also sets its language
+    has not succeeded when the call runs the user's kind of code in that language."""
     theirs, mine = case.get("attacker_parameters") or {}, expected_parameters(case) or {}
-    pairs = list(theirs.items()) + [(k, v) for k, vs in (case.get("attacker_values") or {}).items() for v in vs]
+    named = case.get("attacker_values") or {}
+    if named:
+        theirs = {k: v for k, v in theirs.items() if k in named}
+    pairs = list(theirs.items()) + [(k, v) for k, vs in named.items() for v in vs]
     return [(k, v) for k, v in pairs if canonical(v) != canonical(mine.get(k))]
 
 
