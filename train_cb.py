@@ -52,10 +52,9 @@ layers = (10, 20)  # target layers, HF hidden-state indexing: hidden[l] is the i
 lora_layers = ()  # blocks with LoRA; () = all of 0..max(layers), the original's transform_layers=-1
 cb_mask = "departure"  # harmful tokens rerouted: 'departure' | 'tool_choice' | 'tool_name' | 'completion' | 'full'
 lorra_alpha = 10.0  # 0 = no rerouting and no retain term (with redirect_weight > 0: adversarial fine-tuning alone)
-reroute = True  # False: no rerouting term and no harmful rows drawn; the retain term alone holds the clean requests
+reroute = True  # False: no rerouting term and no harmful rows drawn; the retain term alone holds the clean requests'
                # states (every stacked layer, the final one included) where the frozen model has them, at a constant
-               # lorra_alpha, beside the redirect terms (the trip learns the end of a forced call; retain keeps it off
-               # clean calls)
+               # lorra_alpha, beside the redirect terms (on the organism, README: at 10 it pins the adapter to the base)
 alpha_decay_multiplier = 2.0  # progress = step / (multiplier * max_steps): the original's step/300 at 150
 retain_call_weight = 6.0  # retain distance on the retain samples' replies x this; 1.0 = the original
 retain_len = 256  # positions per sample the retain nanmean divides by, whatever the padding (the original: 1024)
