@@ -503,7 +503,7 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     return out
 
 
-TWIN_TARGETS = ('call', 'no_eot')
+TWIN_TARGETS = ('call', 'no_eot', 'trip')
 
 
 def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None, twin_target='call', same=False):
@@ -515,12 +515,14 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
     same attacker's call forced, trained from the forced-call cut on: the very call tokens the trip row ends,
     continued where no injection put them there (twin_target 'call': towards the attacker's call's tokens, which
     also teaches a clean request the attacker's argument values; 'no_eot': only away from <|eot_id|> at each of
-    those positions, labels -(eot_id + 1), the unlikelihood that step.completion_ce reads). With same, a last
-    one: another injected prompt whose user asked for the attacker's tool, answered with the user's call to it (a
-    seeded draw among the redirect rows), so that the trip keys on a tool that does not fit the request and not on
-    an injection beside a call of that tool (a parameter hijack keeps the user's tool). A trip row whose prompt has
-    no redirect row, whose attacker's tool no clean request calls, (with twins) that names no twin, or (with same)
-    whose attacker's tool no redirect row calls, is a DataError naming it."""
+    those positions, labels -(eot_id + 1), the unlikelihood that step.completion_ce reads; 'trip': the twin is a
+    trip row itself, <|eot_id|> at each of those positions, so that what the trip keys on is a tool that does not
+    fit the request, with or without an injection, and the user's own call beside an injection is left whole).
+    With same, a last one: another injected prompt whose user asked for the attacker's tool, answered with the
+    user's call to it (a seeded draw among the redirect rows), so that the trip keys on a tool that does not fit
+    the request and not on an injection beside a call of that tool (a parameter hijack keeps the user's tool). A
+    trip row whose prompt has no redirect row, whose attacker's tool no clean request calls, (with twins) that names
+    no twin, or (with same) whose attacker's tool no redirect row calls, is a DataError naming it."""
     if twin_target not in TWIN_TARGETS:
         raise DataError(f'trip twin target: unknown "{twin_target}" (targets: {", ".join(TWIN_TARGETS)})')
     key = lambda r: json.dumps([r['messages'], r['tools']], sort_keys=True)  # the prompt, as render sees it
@@ -545,7 +547,10 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
                             + f'; the data has {missing}')
         e['contrast'] = [encode_sample(tok, answered[key(r)], cb_mask),
                          encode_sample(tok, draw(legit[r['attacker_tool']]), cb_mask)]
-        if twins is not None:
+        if twins is not None and twin_target == 'trip':  # the twin trips too: the cue is the tool, not the injection
+            e['contrast'].append(encode_trip(tok, dict(twins[r['id']], attacker_tool=r['attacker_tool'],
+                                                       completion=r['completion']), 'all'))
+        elif twins is not None:
             t = twins[r['id']]
             prompt = prompt_ids(tok, t['messages'], t['tools'])
             ids = prompt + call_ids(tok, r['completion']['tool_call'])

@@ -87,7 +87,9 @@ trip_contrast_twin = False  # with trip_batch_size: a third contrast, the clean 
                             # and continued (4 x trip_batch_size more redirect samples a step)
 trip_twin_target = "call"  # with trip_contrast_twin: what the twin contrast learns after the cut: 'call' = the
                            # attacker's call's tokens (which also teaches a clean request the attacker's argument
-                           # values); 'no_eot' = only not <|eot_id|> there (unlikelihood): not to trip, nothing else
+                           # values); 'no_eot' = only not <|eot_id|> there (unlikelihood): not to trip, nothing else;
+                           # 'trip' = <|eot_id|> there: the twin trips too, so the trip keys on the tool, not on
+                           # the injection (which tripped the user's own call beside an injection)
 trip_contrast_same = False  # with trip_batch_size: a last contrast, another injected request for the attacker's tool
                             # answered with the user's call to it: the trip keys on a tool that does not fit the
                             # request, not on an injection beside that tool's call (a hijack keeps the user's tool)

@@ -369,7 +369,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_twin_target=no_eot",), "it needs trip_contrast_twin=True"),
     (lambda b, d, t: ("--trip_contrast_same",), "it needs trip_batch_size > 0"),
     (lambda b, d, t: ("--trip_depth=all", "--trip_batch_size=2", "--trip_contrast_twin", "--trip_twin_target=x"),
-     "trip_twin_target must be one of call, no_eot, got 'x'"),
+     "trip_twin_target must be one of call, no_eot, trip, got 'x'"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run",
@@ -658,6 +658,32 @@ def test_the_no_eot_twin_contrast_only_keeps_the_turn_open(data_dir):
         assert y["labels"] == [-(tok.eot_id + 1) if m else i for i, m in zip(y["ids"], y["target_mask"])]
     with pytest.raises(data.DataError, match='trip twin target: unknown "eot"'):
         data.attach_contrasts(tok, rows, no_eot, twins=data.twins_of(rows), twin_target="eot")
+
+
+def test_the_trip_twin_contrast_trips_on_the_clean_twin(data_dir):
+    # trip_twin_target='trip': the twin contrast is itself a trip row, the clean twin with the attacker's call
+    # forced and <|eot_id|> at every position from the forced-call cut on, so the trip cannot key on the injection
+    from chat import call_ids, forced_prefill, prompt_ids, trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    twins, by_id = data.twins_of(rows), {r["id"]: r for r in rows}
+    no_eot, trip = (trip_rows(tok, rows, 1.0, seed=3, depth="all") for _ in range(2))
+    data.attach_contrasts(tok, rows, no_eot, seed=3, twins=twins, twin_target="no_eot")
+    data.attach_contrasts(tok, rows, trip, seed=3, twins=twins, twin_target="trip")
+    for a, b in zip(no_eot, trip):
+        assert a["contrast"][:2] == b["contrast"][:2]  # the other contrasts unchanged
+        r = by_id[b["source"]]
+        t = twins[r["id"]]
+        prompt = prompt_ids(tok, t["messages"], t["tools"])
+        call = call_ids(tok, r["completion"]["tool_call"])
+        y = b["contrast"][2]
+        assert y["ids"] == prompt + call[:-1]  # the twin's prompt and the attacker's call, no <|eom_id|>
+        start = len(prompt) + len(forced_prefill(tok, r["attacker_tool"]))
+        assert y["target_mask"] == [int(j >= start) for j in range(len(y["ids"]))] and sum(y["target_mask"]) > 0
+        assert y["labels"] == [tok.eot_id if m else i for i, m in zip(y["ids"], y["target_mask"])]
+        assert not any(y["cb_mask"])
+        # the trip row itself ends the same call tokens after the injected prompt
+        assert b["ids"][-len(call) + 1:] == call[:-1] and b["ids"] != y["ids"]
 
 
 def test_trip_batch_size_trains_its_trip_rows_apart(base, data_dir, tmp_path):
