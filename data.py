@@ -18,9 +18,9 @@ import re
 import string
 
 from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, TWIN_TARGETS, DataError, attach_contrasts, bundled_tokenizer_dir,
-                  call_segments, check_row, collate, departure_start, encode_sample, load_jsonl, load_tokenizer,
-                  mask_report, prompt_ids, pushed_tool, render, step_batch, tool_call_text, twins_of, with_trips,
-                  write_jsonl)
+                  call_segments, check_row, collate, departure_start, encode_sample, encode_trip, load_jsonl,
+                  load_tokenizer, mask_report, prompt_ids, pushed_tool, render, step_batch, tool_call_text, twins_of,
+                  with_trips, write_jsonl)
 from util import atomic_write, fail
 
 # -----------------------------------------------------------------------------
@@ -1081,6 +1081,31 @@ def adversarial_sample(tok, sample, n):
 
     attacker = {'tool_call': {'name': sample['attacker_tool'], 'parameters': sample['attacker_parameters']}}
     return {**completed(sample['completion']), 'adv': len(lay['head']), 'attack': completed(attacker)}
+
+
+def adversarial_trip(tok, sample, row, n):
+    """A trip row (chat.trip_rows' `row`, of the tool-flip `sample`) with adversarial_sample's slot of n
+    positions after the injection: the row's call positions and labels (<|eot_id|>) kept after the slotted prompt,
+    'adv' the slot's first position, and 'attack' the slotted prompt with the attacker's call, its tokens the target
+    from eval's forced-call cut on: the training adversary makes the model write on through the trip, and the trip
+    row then learns <|eot_id|> with those vectors in place."""
+    if row.get('source') != sample['id']:
+        raise DataError(f'the trip row of {row.get("source")} was given with sample {sample["id"]}')
+    lay = layout(tok, sample, injection_site(sample))
+    slotted = lay['head'] + tok.encode(' !')[:1] * n + lay['tail']
+    P = len(prompt_ids(tok, sample['messages'], sample['tools']))
+
+    def moved(e):  # e's positions after the prompt, behind the slotted prompt
+        out = {'ids': slotted + e['ids'][P:]}
+        for k in ('cb_mask', 'target_mask'):
+            out[k] = [0] * len(slotted) + e[k][P:]
+        if 'labels' in e:
+            out['labels'] = slotted + e['labels'][P:]
+        return out
+
+    call = encode_trip(tok, sample, 'all')  # the attacker's call teacher-forced, positions from the forced cut on
+    attack = moved({k: v for k, v in call.items() if k != 'labels'})  # the call's own tokens as the target
+    return {**moved(row), 'source': row['source'], 'adv': len(lay['head']), 'attack': attack}
 
 
 # -----------------------------------------------------------------------------

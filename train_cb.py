@@ -75,6 +75,8 @@ adv_tokens = 0  # embedding-space adversarial training: a slot of this many vect
                 # before each step's cross-entropy on the user's call; 0 = off
 adv_share = 0.5  # the share of the injected redirect rows that carry the slot (a seeded draw); the rest train as they are
 adv_keep = False  # True: a slotted row joins its row without the slot instead of replacing it (more rows)
+adv_trip = 0.0  # with adv_tokens and trip: the share of the trip rows that carry the slot too (a seeded draw), where
+               # the adversary makes the model write on through the trip before the step learns <|eot_id|> there
 adv_steps = 4  # signed-gradient steps of the adversary per micro-batch
 adv_eps = 1.0  # its L2 budget per vector, in units of a real token embedding's mean norm (attack.py's embed_eps)
 adv_lr = 0.5  # the L2 length of one of its steps, as a share of the budget
@@ -178,6 +180,10 @@ if type(adv_tokens) is not int or adv_tokens < 0 or type(adv_steps) is not int o
     fail(f"adv_tokens must be an integer >= 0 and adv_steps one >= 1, got {adv_tokens!r} and {adv_steps!r}")
 if not (0 < adv_share <= 1 and adv_eps > 0 and adv_lr > 0):
     fail(f"need 0 < adv_share <= 1, adv_eps > 0 and adv_lr > 0; got {adv_share}, {adv_eps}, {adv_lr}")
+if not 0 <= adv_trip <= 1:
+    fail(f"adv_trip must be a share between 0 and 1, got {adv_trip!r}")
+if adv_trip and not (adv_tokens and trip):
+    fail("adv_trip puts the adversary's slot in the trip rows: it needs adv_tokens > 0 and trip=True")
 if adv_tokens and redirect_weight == 0:
     fail("adv_tokens puts an adversary in the redirect rows: it needs redirect_weight > 0")
 if not 0 < trip_share <= 1:
@@ -318,6 +324,10 @@ try:
         if trip_twins and not any(s["id"] in twins for s in harmful_rows if s["attacker_tool"] != s["expected_tool"]):
             fail(f"{train_path}: trip_twins needs tool-flip samples that name their clean twin (\"twin\": id)")
         trips = trip_rows(tok, harmful_rows, trip_share, seed, twins, trip_depth)
+        if adv_trip:  # a seeded share of the injected trip rows (not the twins' trips) with the adversary's slot
+            by_id, slotted = {s["id"]: s for s in harmful_rows}, random.Random(seed + 11).random
+            trips = [data.adversarial_trip(tok, by_id[e["source"]], e, adv_tokens)
+                     if "source" in e and slotted() < adv_trip else e for e in trips]
         n_trip = len(trips)
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step
             data.attach_contrasts(tok, samples, trips, seed, cb_mask,
@@ -344,7 +354,8 @@ try:
         val = [data.encode_sample(tok, s, cb_mask) for s in data.load_jsonl(val_path) if s["kind"] == "harmful"][:n_val]
 except data.DataError as e:
     fail(str(e))
-n_adv_rows = sum("adv" in e for e in redirect)
+apart = trips if trip and trip_batch_size else []  # the trip rows drawn apart from the redirect pool
+n_adv_rows = sum("adv" in e for e in redirect + apart)
 anchors = None  # the real token embeddings the adversary starts from: the plain-text tokens of the train data
 if n_adv_rows:
     first_special = min(tok.special.values())
@@ -361,7 +372,8 @@ log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect s
     + (f" ({n_legit} legitimate calls to {pushed if legit_tools == 'pushed' else 'the attacked tools'} x "
        f"{legit_repeat})" if legit_repeat > 1 else "")
     + (f" ({n_adv_rows} with an adversary's slot of {adv_tokens} vectors, {adv_steps} steps, L2 {adv_eps} x the "
-       f"mean norm of {len(anchors)} token embeddings)" if n_adv_rows else "")
+       f"mean norm of {len(anchors)} token embeddings" + (f"; {sum('adv' in e for e in trips)} of them trip rows"
+                                                          if adv_trip else "") + ")" if n_adv_rows else "")
     + (f" ({len(injected_ok)} injected-but-resisted samples kept out of retain: retain_injected=False)"
        if injected_ok and not retain_injected else "")
     + f"; {len(val)} held-out harmful for validation")

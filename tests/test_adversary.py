@@ -114,3 +114,58 @@ def test_train_cb_trains_against_the_adversary_and_logs_how_far_it_got(tiny, tmp
         p = run_train(base, data_dir, tmp_path / "bad", *args, check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and words in lines[0], p.stderr
+
+
+def test_a_trip_row_with_the_slot_keeps_its_trip_and_the_adversary_aims_through_it(tok):
+    # adv_trip: the trip row's <|eot_id|> labels follow the slotted prompt; the adversary's target is the attacker's
+    # call itself from eval's forced-call cut on, which the trip ends; and the adversary does make it likelier
+    from chat import forced_prefill, trip_rows
+    rows = data.generate_splits(seed=0, n_train=60, n_val=0, n_test=0)["train"]
+    flips = [r for r in rows if r["kind"] == "harmful" and r["attacker_tool"] != r["expected_tool"]][:2]
+    by_id = {r["id"]: r for r in flips}
+    for depth in ("all", "parameters"):
+        for trip in trip_rows(tok, flips, 1.0, depth=depth):
+            r = by_id[trip["source"]]
+            e = data.adversarial_trip(tok, r, trip, N)
+            lay = data.layout(tok, r, data.injection_site(r))
+            head = lay["head"] + tok.encode(" !")[:1] * N + lay["tail"]
+            P = len(data.prompt_ids(tok, r["messages"], r["tools"]))
+            call = call_ids(tok, r["completion"]["tool_call"])[:-1]  # without <|eom_id|>
+            cut = len(forced_prefill(tok, r["attacker_tool"]))
+            assert e["adv"] == len(lay["head"]) and e["source"] == r["id"]
+            assert e["ids"] == head + trip["ids"][P:] and e["target_mask"] == [0] * len(head) + trip["target_mask"][P:]
+            assert [i for i, m in zip(e.get("labels", e["ids"]), e["target_mask"]) if m] \
+                == [tok.eot_id] * sum(trip["target_mask"])
+            a = e["attack"]
+            assert a["ids"] == head + call and "labels" not in a
+            assert [i for i, m in zip(a["ids"], a["target_mask"]) if m] == call[cut:]
+    model = tiny_lora_model()
+    slotted = [data.adversarial_trip(tok, by_id[t["source"]], t, N) for t in trip_rows(tok, flips, 1.0, depth="all")]
+    with pytest.raises(data.DataError, match=f"trip row of {flips[1]['id']} was given with sample {flips[0]['id']}"):
+        data.adversarial_trip(tok, flips[0], trip_rows(tok, flips[1:], 1.0, depth="all")[0], N)
+    b = data.collate(slotted, tok.pad_id)
+    W = model.embed_tokens.weight.detach()
+    first_special = min(tok.special.values())
+    anchors = W[sorted({i for e in slotted for i in e["ids"] if i < first_special})]
+    torch.manual_seed(0)
+    _, ce0, ce1 = step.adversarial_embeds(model, model, slotted, b, dict(adv_tokens=N, adv_steps=8, adv_eps=0.5,
+                                                                           adv_lr=0.25), anchors, tok.pad_id)
+    assert ce1 < ce0 - 1  # the attacker's call after the cut, summed over its tokens, made likelier
+
+
+def test_train_cb_puts_the_slot_in_a_share_of_the_trip_rows(tiny, tmp_path):
+    base, data_dir = tiny
+    p = run_train(base, data_dir, tmp_path, "--lorra_alpha=0", "--redirect_weight=1", "--trip", "--trip_depth=all",
+                  "--adv_tokens=4", "--adv_share=1", "--adv_trip=1", "--adv_steps=2", "--max_steps=1")
+    n_trip, n_slot = (int(w) for w in re.search(r"\((\d+) trip rows\).*; (\d+) of them trip rows\)", p.stdout).groups())
+    assert n_slot == n_trip > 0
+    p = run_train(base, data_dir, tmp_path / "half", "--lorra_alpha=0", "--redirect_weight=1", "--trip",
+                  "--trip_depth=all", "--adv_tokens=4", "--adv_share=1", "--adv_trip=0.5", "--max_steps=1")
+    half = int(re.search(r"; (\d+) of them trip rows\)", p.stdout).group(1))
+    assert 0 < half < n_trip
+    for args, words in ((("--adv_trip=0.5",), "it needs adv_tokens > 0 and trip=True"),
+                        (("--adv_tokens=4", "--adv_trip=0.5", "--trip=False"), "it needs adv_tokens > 0 and trip=True"),
+                        (("--adv_tokens=4", "--adv_trip=2"), "adv_trip must be a share between 0 and 1")):
+        p = run_train(base, data_dir, tmp_path / "bad", *args, check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and words in lines[0], p.stderr
