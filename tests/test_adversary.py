@@ -169,3 +169,13 @@ def test_train_cb_puts_the_slot_in_a_share_of_the_trip_rows(tiny, tmp_path):
         p = run_train(base, data_dir, tmp_path / "bad", *args, check=False)
         lines = p.stderr.strip().splitlines()
         assert p.returncode != 0 and len(lines) == 1 and words in lines[0], p.stderr
+
+
+def test_the_trip_config_runs_on_top_of_the_organisms(tiny, tmp_path):
+    # README's command for the trip learnt under attack: config/organism.py then config/trip.py, tiny sizes after
+    base, data_dir = tiny
+    p = run_train(base, data_dir, tmp_path, "config/organism.py", "config/trip.py", f"--init_from={base}",
+                  f"--data_dir={data_dir}", f"--out_dir={tmp_path}", "--layers=1,2", "--max_steps=1", "--batch_size=4",
+                  "--redirect_batch_size=4", "--grad_accum=1", "--adv_tokens=4", "--adv_steps=1", "--eval_interval=0")
+    assert "2 a step beside their 3 contrasts" in p.stdout and "of them trip rows" in p.stdout, p.stdout
+    assert (tmp_path / "ckpt.pt").is_file()
