@@ -1061,6 +1061,25 @@ def layout(tok, case, site):
                 before_ids=tok.encode("\n\n" + before), after_ids=tok.encode(after))
 
 
+def slotted_prompt(tok, sample, n):
+    """The sample's prompt with a slot of n ' !' placeholders right after its injection, where attack.py puts its
+    tokens -> (the slot's first position, move): move(e) puts the positions of e (encoded from the sample's
+    prompt) that follow that prompt behind the slotted one, masks zero over it, labels too where e has them."""
+    lay = layout(tok, sample, injection_site(sample))
+    slotted = lay['head'] + tok.encode(' !')[:1] * n + lay['tail']
+    P = len(prompt_ids(tok, sample['messages'], sample['tools']))
+
+    def move(e):
+        out = {'ids': slotted + e['ids'][P:]}
+        for k in ('cb_mask', 'target_mask'):
+            out[k] = [0] * len(slotted) + e[k][P:]
+        if 'labels' in e:
+            out['labels'] = slotted + e['labels'][P:]
+        return out
+
+    return len(lay['head']), move
+
+
 def adversarial_sample(tok, sample, n):
     """An injected sample with a slot of n adversarial positions right after its injection, where attack.py puts
     its tokens: encode_sample()'s dict of head + slot + tail + the sample's completion, plus 'adv' (the slot's
@@ -1070,17 +1089,10 @@ def adversarial_sample(tok, sample, n):
     if sample.get('attacker_tool') is None or sample.get('attacker_parameters') is None:
         raise DataError(f'{sample.get("id", "a sample")}: an adversarial slot needs "attacker_tool" and '
                         '"attacker_parameters" (the attacker\'s call is the adversary\'s target)')
-    lay = layout(tok, sample, injection_site(sample))
-    slotted = lay['head'] + tok.encode(' !')[:1] * n + lay['tail']
-    P = len(prompt_ids(tok, sample['messages'], sample['tools']))
-
-    def completed(completion):
-        e = encode_sample(tok, {**sample, 'completion': completion}, 'completion')
-        return {'ids': slotted + e['ids'][P:], 'cb_mask': [0] * len(slotted) + e['cb_mask'][P:],
-                'target_mask': [0] * len(slotted) + e['target_mask'][P:]}
-
+    adv, move = slotted_prompt(tok, sample, n)
+    completed = lambda completion: move(encode_sample(tok, {**sample, 'completion': completion}, 'completion'))
     attacker = {'tool_call': {'name': sample['attacker_tool'], 'parameters': sample['attacker_parameters']}}
-    return {**completed(sample['completion']), 'adv': len(lay['head']), 'attack': completed(attacker)}
+    return {**completed(sample['completion']), 'adv': adv, 'attack': completed(attacker)}
 
 
 def adversarial_trip(tok, sample, row, n):
@@ -1091,21 +1103,10 @@ def adversarial_trip(tok, sample, row, n):
     row then learns <|eot_id|> with those vectors in place."""
     if row.get('source') != sample['id']:
         raise DataError(f'the trip row of {row.get("source")} was given with sample {sample["id"]}')
-    lay = layout(tok, sample, injection_site(sample))
-    slotted = lay['head'] + tok.encode(' !')[:1] * n + lay['tail']
-    P = len(prompt_ids(tok, sample['messages'], sample['tools']))
-
-    def moved(e):  # e's positions after the prompt, behind the slotted prompt
-        out = {'ids': slotted + e['ids'][P:]}
-        for k in ('cb_mask', 'target_mask'):
-            out[k] = [0] * len(slotted) + e[k][P:]
-        if 'labels' in e:
-            out['labels'] = slotted + e['labels'][P:]
-        return out
-
+    adv, move = slotted_prompt(tok, sample, n)
     call = encode_trip(tok, sample, 'all')  # the attacker's call teacher-forced, positions from the forced cut on
-    attack = moved({k: v for k, v in call.items() if k != 'labels'})  # the call's own tokens as the target
-    return {**moved(row), 'source': row['source'], 'adv': len(lay['head']), 'attack': attack}
+    attack = move({k: v for k, v in call.items() if k != 'labels'})  # the call's own tokens as the target
+    return {**move(row), 'source': row['source'], 'adv': adv, 'attack': attack}
 
 
 # -----------------------------------------------------------------------------

@@ -124,6 +124,12 @@ def parse_call(text):
 PARTIAL_NAME = re.compile(r'\s*\{\s*"name"\s*:\s*"([^"\\]+)"')  # a call's name, written whole, whatever follows
 
 
+def partial_name(text):
+    """The tool name a call attempt at the start of text wrote whole, or None."""
+    m = PARTIAL_NAME.match(text)
+    return m[1] if m else None
+
+
 def parse_reply(tok, ids):
     """Generated ids -> dict(kind 'call'|'malformed'|'text', call, stop, style, name). Works on ids, not on the
     decoded string, so '<|eom_id|>' typed inside an argument is text and only a real special token counts. name:
@@ -135,7 +141,7 @@ def parse_reply(tok, ids):
     if tok.python_tag_id in body:  # <|python_tag|>{json}: whatever follows the tag must be the call
         text = plain(body[body.index(tok.python_tag_id) + 1:])
         call, why = parse_call(text)
-        name = None if call else (PARTIAL_NAME.match(text) or [None, None])[1]
+        name = None if call else partial_name(text)
         return dict(kind="call" if call else "malformed", call=call, stop=stop, style="python_tag", why=why,
                     name=name)
     text = plain(body)
@@ -146,7 +152,7 @@ def parse_reply(tok, ids):
             if call:
                 return dict(kind="call", call=call, stop=stop, style="json", why=None, name=None)
             if not attempt and text[k + 1:].lstrip().startswith('"name"'):
-                attempt, name = True, (PARTIAL_NAME.match(text[k:]) or [None, None])[1]
+                attempt, name = True, partial_name(text[k:])
     return dict(kind="malformed" if attempt else "text", call=None, stop=stop, style="json" if attempt else None,
                 why="invalid JSON call" if attempt else None, name=name)
 
