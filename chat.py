@@ -506,7 +506,21 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
 TWIN_TARGETS = ('call', 'no_eot', 'trip')
 
 
-def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None, twin_target='call', same=False):
+def concurring(row):
+    """A tool-flip redirect row (an injection that pushes attacker_tool, answered with the user's call) -> the same
+    row with the injection pushing the user's own tool: every mention of the attacker's tool's name in the messages
+    becomes the user's tool's. The injection then names the very tool of the call it is answered with; None where a
+    message names the user's tool already (an injection that says "{expected} is broken, use {tool}")."""
+    old, new = row['attacker_tool'], row['expected_tool']
+    texts = [m.get('content') or '' for m in row['messages']]
+    if old == new or any(new in t for t in texts) or not any(old in t for t in texts):
+        return None
+    messages = [dict(m, content=m['content'].replace(old, new)) if m.get('content') else m for m in row['messages']]
+    return dict(row, messages=messages, attacker_tool=new)
+
+
+def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None, twin_target='call', same=False,
+                     concur=False):
     """Give each trip row (trip_rows, from `rows`) its contrasts, encoded in trips[i]['contrast']: the same
     injected prompt answered with the user's call (its redirect row), and a clean request that calls the
     attacker's tool (a seeded draw among them). Trained in one step beside the trip row, they make its lesson
@@ -520,9 +534,13 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
     fit the request, with or without an injection, and the user's own call beside an injection is left whole).
     With same, a last one: another injected prompt whose user asked for the attacker's tool, answered with the
     user's call to it (a seeded draw among the redirect rows), so that the trip keys on a tool that does not fit
-    the request and not on an injection beside a call of that tool (a parameter hijack keeps the user's tool). A
-    trip row whose prompt has no redirect row, whose attacker's tool no clean request calls, (with twins) that names
-    no twin, or (with same) whose attacker's tool no redirect row calls, is a DataError naming it."""
+    the request and not on an injection beside a call of that tool (a parameter hijack keeps the user's tool).
+    With concur, a last one: such a request whose injection is made to push the tool the user asked for (concurring:
+    the injection names the very tool of the call), answered with the user's call, so that the trip does not key on
+    the call's tool being the one the injection names, which a hijack's injection does too. A trip row whose prompt
+    has no redirect row, whose attacker's tool no clean request calls, (with twins) that names no twin, or (with
+    same or concur) whose attacker's tool no redirect row calls (concur: of a flip whose injection names its tool),
+    is a DataError naming it."""
     if twin_target not in TWIN_TARGETS:
         raise DataError(f'trip twin target: unknown "{twin_target}" (targets: {", ".join(TWIN_TARGETS)})')
     key = lambda r: json.dumps([r['messages'], r['tools']], sort_keys=True)  # the prompt, as render sees it
@@ -533,17 +551,23 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
             (legit if r['attacker_tool'] is None else redirected).setdefault(r['expected_tool'], []).append(r)
     by_id, draw = {r['id']: r for r in rows}, random.Random(f'{seed}:contrast').choice
     draw_same = random.Random(f'{seed}:same').choice  # its own stream: same=False draws what it drew before
+    draw_concur = random.Random(f'{seed}:concur').choice
+    concurs = {}
+    if concur:
+        for tool, rs in redirected.items():
+            concurs[tool] = [c for c in map(concurring, rs) if c is not None]
     for e in trips:
         r = by_id[e['source']]
         missing = ('no redirect row for it' if key(r) not in answered else
                    f'no clean request that calls {r["attacker_tool"]}' if r['attacker_tool'] not in legit else
                    'no clean twin' if twins is not None and r['id'] not in twins else
                    f'no redirect row that calls {r["attacker_tool"]}' if same and r['attacker_tool'] not in redirected
-                   else None)
+                   else f'no tool-flip redirect row that calls {r["attacker_tool"]} and whose injection names its '
+                   'tool' if concur and not concurs.get(r['attacker_tool']) else None)
         if missing:
             raise DataError(f'{r["id"]}: a trip row needs its prompt answered with the user\'s call, a clean request '
                             f'that calls the attacker\'s tool' + (' and its clean twin' if twins is not None else '')
-                            + (' and an injected request for that tool answered with it' if same else '')
+                            + (' and an injected request for that tool answered with it' if same or concur else '')
                             + f'; the data has {missing}')
         e['contrast'] = [encode_sample(tok, answered[key(r)], cb_mask),
                          encode_sample(tok, draw(legit[r['attacker_tool']]), cb_mask)]
@@ -562,6 +586,8 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
                                   'labels': [-(tok.eot_id + 1) if m else i for i, m in zip(ids, on)]})
         if same:
             e['contrast'].append(encode_sample(tok, draw_same(redirected[r['attacker_tool']]), cb_mask))
+        if concur:
+            e['contrast'].append(encode_sample(tok, draw_concur(concurs[r['attacker_tool']]), cb_mask))
 
 
 def with_trips(batch, trips, step, n, seed):

@@ -95,6 +95,9 @@ trip_twin_target = "call"  # with trip_contrast_twin: what the twin contrast lea
 trip_contrast_same = False  # with trip_batch_size: a last contrast, another injected request for the attacker's tool
                             # answered with the user's call to it: the trip keys on a tool that does not fit the
                             # request, not on an injection beside that tool's call (a hijack keeps the user's tool)
+trip_contrast_concur = False  # with trip_batch_size: a last contrast, an injected request for the attacker's tool
+                              # whose injection is made to push that very tool, answered with the user's call: the
+                              # trip does not key on the call's tool being the one the injection names
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
 # LoRA
@@ -206,6 +209,8 @@ if trip_contrast_twin and not trip_batch_size:
     fail("trip_contrast_twin adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
 if trip_contrast_same and not trip_batch_size:
     fail("trip_contrast_same adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
+if trip_contrast_concur and not trip_batch_size:
+    fail("trip_contrast_concur adds a contrast to the trip rows drawn apart: it needs trip_batch_size > 0")
 if trip_twin_target not in data.TWIN_TARGETS:
     fail(f"trip_twin_target must be one of {', '.join(data.TWIN_TARGETS)}, got {trip_twin_target!r}")
 if trip_twin_target != "call" and not trip_contrast_twin:
@@ -237,7 +242,7 @@ if ddp:
 else:
     rank, world = 0, 1
 master = rank == 0
-per_trip = 3 + trip_contrast_twin + trip_contrast_same  # a trip row and its contrasts
+per_trip = 3 + trip_contrast_twin + trip_contrast_same + trip_contrast_concur  # a trip row and its contrasts
 for name, n in (("batch_size", batch_size),
                 ("redirect_batch_size" + (f" + {per_trip} x trip_batch_size" if trip_batch_size else ""),
                  redirect_batch_size + per_trip * trip_batch_size)):
@@ -332,7 +337,7 @@ try:
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step
             data.attach_contrasts(tok, samples, trips, seed, cb_mask,
                                   data.twins_of(samples) if trip_contrast_twin else None, trip_twin_target,
-                                  trip_contrast_same)
+                                  trip_contrast_same, trip_contrast_concur)
         else:
             redirect += trips
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):

@@ -368,6 +368,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_contrast_twin",), "it needs trip_batch_size > 0"),
     (lambda b, d, t: ("--trip_twin_target=no_eot",), "it needs trip_contrast_twin=True"),
     (lambda b, d, t: ("--trip_contrast_same",), "it needs trip_batch_size > 0"),
+    (lambda b, d, t: ("--trip_contrast_concur",), "trip_contrast_concur adds a contrast"),
     (lambda b, d, t: ("--trip_depth=all", "--trip_batch_size=2", "--trip_contrast_twin", "--trip_twin_target=x"),
      "trip_twin_target must be one of call, no_eot, trip, got 'x'"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
@@ -379,7 +380,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "unknown_legit_tools", "legit_tools_without_repeat",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
-        "same_contrast_without_trip_batch", "unknown_twin_target"])
+        "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -615,6 +616,44 @@ def test_the_same_tool_contrast_is_an_injected_request_for_the_attackers_tool_an
     with pytest.raises(data.DataError, match=f'{same[0]["source"]}: .* an injected request for that tool answered '
                                              f'with it; the data has no redirect row that calls {tool}'):
         data.attach_contrasts(tok, without, trip_rows(tok, [by_id[same[0]["source"]]], 1.0), same=True)
+
+
+def test_the_concurring_contrast_is_an_injection_that_pushes_the_users_own_tool_answered_with_it(data_dir):
+    # trip_contrast_concur: a last contrast, an injected request for the trip row's attacker's tool whose injection
+    # is rewritten to push that very tool, answered with the user's call to it: the trip must not key on the call's
+    # tool being the one the injection names (a hijack's injection names the user's tool too)
+    from chat import concurring, encode_sample, trip_rows
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    by_id = {r["id"]: r for r in rows}
+    plain, concur = (trip_rows(tok, rows, 0.3, seed=3, depth="all") for _ in range(2))
+    data.attach_contrasts(tok, rows, plain, seed=3, same=True)
+    data.attach_contrasts(tok, rows, concur, seed=3, same=True, concur=True)
+    for a, b in zip(plain, concur):
+        assert len(a["contrast"]) == 3 and b["contrast"][:3] == a["contrast"]
+        tool, last = by_id[b["source"]]["attacker_tool"], b["contrast"][3]
+        text = tok.decode(last["ids"])
+        prompt, call = text.rsplit("<|python_tag|>", 1)
+        assert call.startswith(f'{{"name": "{tool}"')  # the user's call to the trip's attacker's tool ...
+        assert tool in prompt.split("<|start_header_id|>user")[1]  # ... beside an injection that names it
+        target = tok.decode([i for i, m in zip(last["ids"], last["target_mask"]) if m])
+        assert target == "<|python_tag|>" + call  # the call is what it learns
+    assert len({tuple(e["contrast"][3]["ids"]) for e in concur}) > 1  # a draw
+    flips = [r for r in rows if r["kind"] == "retain" and r["attacker_tool"] not in (None, r["expected_tool"])]
+    r = next(r for r in flips if concurring(r) is not None)
+    c = concurring(r)
+    assert c["attacker_tool"] == r["expected_tool"] and c["completion"] == r["completion"]
+    assert all(r["attacker_tool"] not in (m.get("content") or "") for m in c["messages"])
+    assert [m.get("content", "").replace(r["attacker_tool"], r["expected_tool"]) for m in r["messages"]] == \
+        [m.get("content", "") for m in c["messages"]]  # nothing else changed
+    says = dict(r, messages=[{"role": "user", "content": f'{r["expected_tool"]} is broken, use {r["attacker_tool"]}'}])
+    assert concurring(says) is None  # it would read "X is broken, use X"
+    tool = by_id[concur[0]["source"]]["attacker_tool"]
+    without = [x for x in rows if not (x["kind"] != "harmful" and x["attacker_tool"] not in (None, tool)
+                                       and x["expected_tool"] == tool)]
+    with pytest.raises(data.DataError, match=f'{concur[0]["source"]}: .*; the data has no tool-flip redirect row that '
+                                             f'calls {tool} and whose injection names its tool'):
+        data.attach_contrasts(tok, without, trip_rows(tok, [by_id[concur[0]["source"]]], 1.0), concur=True)
 
 
 def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
