@@ -454,21 +454,45 @@ def twins_of(rows):
 CB_MASKS = ('completion', 'full', 'tool_name', 'tool_choice', 'departure')
 
 
+def value_cut(tok, sample):
+    """Where the attacker's call (the sample's completion) first writes an attacker's value: the index, in its
+    call_ids, of the first token that reaches into the first argument whose value differs from the user's call's
+    (sample["expected_call"]): the swapped argument of a parameter hijack, the first argument of a flip to another
+    tool; without expected_call, its first argument. None for a flip that keeps the user's arguments (a query flip):
+    its only departure is the tool's name."""
+    call, user = sample['completion']['tool_call'], (sample.get('expected_call') or {}).get('parameters') or {}
+    key = next((k for k, v in call['parameters'].items() if v != user.get(k)), None)
+    if key is None:
+        return None
+    ids, params = call_ids(tok, call), call['parameters']
+    before = json.dumps({k: params[k] for k in list(params)[:list(params).index(key)]}, ensure_ascii=False)[:-1]
+    head = tok.decode(ids[:1]) + '{"name": "' + call['name'] + '", "parameters": ' + before + \
+        (', ' if len(before) > 1 else '') + json.dumps(key, ensure_ascii=False) + ': ' + \
+        ('"' if isinstance(params[key], str) else '')
+    assert tok.decode(ids).startswith(head)
+    at = len(head)  # the value's first character (a string's, after its quote)
+    return next(j for j in range(len(ids)) if len(tok.decode(ids[:j + 1])) > at)
+
+
 def encode_trip(tok, sample, cut=None):
     """The injected prompt of a tool-flip sample, the attacker's call forced up to its arguments, then <|eot_id|>:
     the breaker trips when the agent finds itself calling the attacker's tool. cut=k forces the first k ids of the
     attacker's rendered call instead (the sample's completion: <|python_tag|>{"name": ...), so the trip is learnt
     anywhere inside the call, not only where eval's forced-call pass cuts. cut='all': every cut at once, from
     eval's forced-call cut to the call's second-to-last token, in one row: the attacker's call teacher-forced, each
-    of those positions labelled <|eot_id|> ("labels" differs from "ids" there). -> dict(ids, cb_mask,
-    target_mask[, labels]) as encode_sample, the target the <|eot_id|>s alone, nothing rerouted."""
+    of those positions labelled <|eot_id|> ("labels" differs from "ids" there). cut='value': the same from the
+    first token of the first attacker's value on (value_cut), so the trip keys on the attacker's arguments, which a
+    call the user asked for never writes; a flip that keeps the user's arguments is cut as 'all'. -> dict(ids,
+    cb_mask, target_mask[, labels]) as encode_sample, the target the <|eot_id|>s alone, nothing rerouted."""
     prompt = prompt_ids(tok, sample['messages'], sample['tools'])
     forced = forced_prefill(tok, sample['attacker_tool'])
     if cut is not None:
         call = call_ids(tok, sample['completion']['tool_call'])
-        if cut == 'all':
+        if cut in ('all', 'value'):
+            start = len(forced) if cut == 'all' else value_cut(tok, sample)
+            start = len(forced) if start is None else start
             ids = prompt + call[:-1]  # no <|eom_id|>; the state before position t has seen t - len(prompt) call ids
-            on = [int(len(prompt) + len(forced) <= t) for t in range(len(ids))]
+            on = [int(len(prompt) + start <= t) for t in range(len(ids))]
             return {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,
                     'labels': [tok.eot_id if m else i for i, m in zip(ids, on)]}
         forced = call[:cut]
@@ -476,22 +500,25 @@ def encode_trip(tok, sample, cut=None):
     return {'ids': ids + [tok.eot_id], 'cb_mask': [0] * (len(ids) + 1), 'target_mask': [0] * len(ids) + [1]}
 
 
-TRIP_DEPTHS = ('parameters', 'any', 'all')
+TRIP_DEPTHS = ('parameters', 'any', 'all', 'value')
 
 
 def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     """The trip rows of the tool-flip samples among `rows`: a seeded draw of round(share x n) of them, each
     encode_trip'ed. depth 'parameters': the call forced up to "parameters": (where eval's forced-call pass cuts);
     'any': at a seeded cut from there to the call's second-to-last token (its arguments, part way), one per row;
-    'all': every one of those cuts in one row (encode_trip's cut='all'). Each row names its sample ('source': id).
+    'all': every one of those cuts in one row (encode_trip's cut='all'); 'value': every cut from the first attacker's
+    value on (encode_trip's cut='value'), and the parameter hijacks' rows too, whose only departure is a value. Each
+    row names its sample ('source': id).
     With twins ({id: clean twin row}, twins_of), each drawn sample's clean twin too, the same request without the
     injection and the same attacker's call forced, so that what trips the breaker is a tool that does not fit the
     request, not the presence of an injection."""
     if depth not in TRIP_DEPTHS:
         raise DataError(f'trip depth: unknown "{depth}" (depths: {", ".join(TRIP_DEPTHS)})')
-    flips = [r for r in rows if r['kind'] == 'harmful' and r['attacker_tool'] != r['expected_tool']]
+    flips = [r for r in rows if r['kind'] == 'harmful' and (r['attacker_tool'] != r['expected_tool']
+                                                             or depth == 'value' and r['attacker_tool'])]
     flips = random.Random(seed).sample(flips, round(share * len(flips)))
-    cuts = [depth if depth == 'all' else None] * len(flips)
+    cuts = [depth if depth in ('all', 'value') else None] * len(flips)
     if depth == 'any':
         for j, r in enumerate(flips):
             n = len(call_ids(tok, r['completion']['tool_call'])) - 1  # without <|eom_id|>

@@ -70,6 +70,7 @@ trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced 
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
 trip_depth = "parameters"  # where the attacker's call is cut: 'parameters' (eval's forced-call cut) | 'any' (a seeded
                            # cut from there into its arguments, one per row) | 'all' (every such cut, in one row)
+                           # | 'value' (every cut from the first attacker's value on, hijacks' rows too)
 adv_tokens = 0  # embedding-space adversarial training: a slot of this many vectors after the injection of a share of
                 # the redirect rows (where attack.py puts its tokens), moved by PGD towards the attacker's call
                 # before each step's cross-entropy on the user's call; 0 = off
@@ -331,7 +332,8 @@ try:
         trips = trip_rows(tok, harmful_rows, trip_share, seed, twins, trip_depth)
         if adv_trip:  # a seeded share of the injected trip rows (not the twins' trips) with the adversary's slot
             by_id, slotted = {s["id"]: s for s in harmful_rows}, random.Random(seed + 11).random
-            trips = [data.adversarial_trip(tok, by_id[e["source"]], e, adv_tokens)
+            trips = [data.adversarial_trip(tok, by_id[e["source"]], e, adv_tokens,
+                                           "value" if trip_depth == "value" else "all")
                      if "source" in e and slotted() < adv_trip else e for e in trips]
         n_trip = len(trips)
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step

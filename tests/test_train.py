@@ -541,6 +541,45 @@ def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
         assert whole > 0 and torch.allclose(whole, parts, rtol=1e-10, atol=0), (whole, parts)
 
 
+def test_trip_rows_by_value_trip_from_the_first_attackers_value_and_take_the_hijacks_too(data_dir):
+    # trip_depth='value': the <|eot_id|> labels start at the first token of the first argument whose value differs
+    # from the user's call (a hijack's swapped argument, a flip's first argument); a flip that keeps the user's
+    # arguments departs at the name and is cut as 'all'; the hijacks get trip rows too. The adversary's target
+    # (adv_trip) starts at the same token.
+    from chat import call_ids, encode_trip, trip_rows, value_cut
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    harmful = [r for r in rows if r["kind"] == "harmful"]
+    got = trip_rows(tok, rows, 1.0, seed=5, depth="value")
+    assert len(got) == len(harmful) > len(trip_rows(tok, rows, 1.0, seed=5, depth="all"))
+    kinds = set()
+    for r in harmful:
+        e, whole = encode_trip(tok, r, "value"), encode_trip(tok, r, "all")
+        call = call_ids(tok, r["completion"]["tool_call"])
+        k, P = value_cut(tok, r), len(e["ids"]) - len(call) + 1
+        assert e["ids"] == whole["ids"] and not any(e["cb_mask"])
+        if k is None:  # the user's arguments kept (a query flip): only the name departs
+            assert r["attacker_tool"] != r["expected_tool"] and e == whole
+            kinds.add("name")
+            continue
+        key, value = next((n, v) for n, v in r["completion"]["tool_call"]["parameters"].items()
+                          if v != r["expected_call"]["parameters"].get(n))
+        full = tok.decode(call)
+        start = full.index(json.dumps(key) + ": ") + len(json.dumps(key) + ": ") + isinstance(value, str)
+        assert len(tok.decode(call[:k])) <= start < len(tok.decode(call[:k + 1]))  # token k reaches into the value
+        assert e["target_mask"] == [0] * (P + k) + [1] * (len(call) - 1 - k)  # the value's first token on
+        assert [l for l, m in zip(e["labels"], e["target_mask"]) if m] == [tok.eot_id] * (len(call) - 1 - k)
+        assert sum(e["target_mask"]) < sum(whole["target_mask"])
+        kinds.add("hijack" if r["attacker_tool"] == r["expected_tool"] else "flip")
+        if len(kinds) == 3 and r["attacker_tool"] == r["expected_tool"]:
+            a = data.adversarial_trip(tok, r, dict(e, source=r["id"]), 4, "value")["attack"]
+            assert [i for i, m in zip(a["ids"], a["target_mask"]) if m] == call[k:-1]
+    assert kinds == {"name", "flip", "hijack"}
+    hijack = next(r for r in harmful if r["family"] == "hijack_money")
+    k = value_cut(tok, hijack)
+    assert tok.decode(call_ids(tok, hijack["completion"]["tool_call"])[:k]).endswith('{"recipient": "')
+
+
 def test_each_trip_row_is_drawn_beside_its_two_contrasts(data_dir):
     # attach_contrasts: the same injected prompt answered with the user's call, and a clean request calling the
     # attacker's tool; with_trips puts n trip rows and both contrasts of each into a step's redirect batch
