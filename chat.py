@@ -290,8 +290,12 @@ def forced_prefill(tok, attacker, parameters=None):
         return head + tok.encode('", "parameters":')
     rest = tok.encode('", "parameters": ' + json.dumps(parameters, ensure_ascii=False) + '}')
     key = '", "parameters": ' + json.dumps({next(iter(parameters)): ''}, ensure_ascii=False)[:-2]  # ... {"k": "
-    k = next(k for k in range(1, len(rest) + 1) if len(tok.decode(rest[:k])) > len(key))
-    return head + rest[:k]
+    return head + rest[:reaching(tok, rest, len(key)) + 1]
+
+
+def reaching(tok, ids, at):
+    """The index of the first of `ids` whose decoded prefix reaches past character `at` (the token that holds it)."""
+    return next(j for j in range(len(ids)) if len(tok.decode(ids[:j + 1])) > at)
 
 
 def tool_call_text(call):
@@ -470,8 +474,7 @@ def value_cut(tok, sample):
         (', ' if len(before) > 1 else '') + json.dumps(key, ensure_ascii=False) + ': ' + \
         ('"' if isinstance(params[key], str) else '')
     assert tok.decode(ids).startswith(head)
-    at = len(head)  # the value's first character (a string's, after its quote)
-    return next(j for j in range(len(ids)) if len(tok.decode(ids[:j + 1])) > at)
+    return reaching(tok, ids, len(head))  # the token holding the value's first character (a string's, past its quote)
 
 
 def encode_trip(tok, sample, cut=None):

@@ -1095,17 +1095,18 @@ def adversarial_sample(tok, sample, n):
     return {**completed(sample['completion']), 'adv': adv, 'attack': completed(attacker)}
 
 
-def adversarial_trip(tok, sample, row, n, cut='all'):
-    """A trip row (chat.trip_rows' `row`, of the tool-flip `sample`) with adversarial_sample's slot of n
-    positions after the injection: the row's call positions and labels (<|eot_id|>) kept after the slotted prompt,
-    'adv' the slot's first position, and 'attack' the slotted prompt with the attacker's call, its tokens the target
-    from eval's forced-call cut on (cut='value': from the first attacker's value on, as the row's trip): the training
-    adversary makes the model write on through the trip, and the trip row then learns <|eot_id|> with those vectors
-    in place."""
+def adversarial_trip(tok, sample, row, n):
+    """A trip row (chat.trip_rows' `row`, of the `sample`) with adversarial_sample's slot of n positions after the
+    injection: the row's call positions and labels (<|eot_id|>) kept after the slotted prompt, 'adv' the slot's
+    first position, and 'attack' the slotted prompt with the attacker's call, its tokens the target where the row
+    trips (a row of every cut, depth 'all' or 'value'; a single-cut row: from eval's forced-call cut on): the
+    training adversary makes the model write on through the trip, and the trip row then learns <|eot_id|> with
+    those vectors in place."""
     if row.get('source') != sample['id']:
         raise DataError(f'the trip row of {row.get("source")} was given with sample {sample["id"]}')
     adv, move = slotted_prompt(tok, sample, n)
-    call = encode_trip(tok, sample, cut)  # the attacker's call teacher-forced, positions from the cut on
+    # the attacker's call teacher-forced, positions from the cut on: the row itself where it holds every cut
+    call = row if 'labels' in row else encode_trip(tok, sample, 'all')
     attack = move({k: v for k, v in call.items() if k != 'labels'})  # the call's own tokens as the target
     return {**move(row), 'source': row['source'], 'adv': adv, 'attack': attack}
 

@@ -332,8 +332,7 @@ try:
         trips = trip_rows(tok, harmful_rows, trip_share, seed, twins, trip_depth)
         if adv_trip:  # a seeded share of the injected trip rows (not the twins' trips) with the adversary's slot
             by_id, slotted = {s["id"]: s for s in harmful_rows}, random.Random(seed + 11).random
-            trips = [data.adversarial_trip(tok, by_id[e["source"]], e, adv_tokens,
-                                           "value" if trip_depth == "value" else "all")
+            trips = [data.adversarial_trip(tok, by_id[e["source"]], e, adv_tokens)
                      if "source" in e and slotted() < adv_trip else e for e in trips]
         n_trip = len(trips)
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step

@@ -572,7 +572,7 @@ def test_trip_rows_by_value_trip_from_the_first_attackers_value_and_take_the_hij
         assert sum(e["target_mask"]) < sum(whole["target_mask"])
         kinds.add("hijack" if r["attacker_tool"] == r["expected_tool"] else "flip")
         if len(kinds) == 3 and r["attacker_tool"] == r["expected_tool"]:
-            a = data.adversarial_trip(tok, r, dict(e, source=r["id"]), 4, "value")["attack"]
+            a = data.adversarial_trip(tok, r, dict(e, source=r["id"]), 4)["attack"]
             assert [i for i, m in zip(a["ids"], a["target_mask"]) if m] == call[k:-1]
     assert kinds == {"name", "flip", "hijack"}
     hijack = next(r for r in harmful if r["family"] == "hijack_money")
