@@ -620,10 +620,46 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
             e['contrast'].append(encode_sample(tok, draw_concur(concurs[r['attacker_tool']]), cb_mask))
 
 
-def with_trips(batch, trips, step, n, seed):
-    """A step's redirect batch with n trip rows drawn apart (step_batch, their own permutation), each beside its
-    contrasts (attach_contrasts): len(batch) + n x (1 + contrasts) rows, sorted by length as step_batch sorts."""
-    drawn = [x for e in step_batch(trips, step, n, seed, salt=3) for x in (e, *e['contrast'])]
+def mismatch_trips(tok, rows, seed=0, cb_mask='completion'):
+    """Trip rows without an injection: each clean request that calls a tool U, with the call of another of its
+    offered tools V forced and <|eot_id|> at every cut from "parameters": on (encode_trip's cut='all'), beside two
+    contrasts: the same request answered with its own call, and the clean request (a seeded draw) that V's call was
+    taken from, answered with it. The forced tokens are the ones the second contrast continues, the request the one
+    the first contrast answers: what separates the trip from a call is whether the call's tool fits the request,
+    and every tool is forced about as often as it is called legitimately, so no tool's calls can be learnt as the
+    ones to end. Where V's call takes U's argument names (search_web and retrieve_multimodal_docs: a query), the
+    forced call carries the request's own values, as the main flip's attacker does. -> encode_trip rows, each with
+    'source' (the request's id) and 'contrast'. A request whose offered tools no other clean request calls is
+    skipped; `rows` with no request left is a DataError."""
+    legit = {}
+    for r in rows:
+        if r['kind'] != 'harmful' and r['attacker_tool'] is None and r['expected_tool']:
+            legit.setdefault(r['expected_tool'], []).append(r)
+    out = []
+    for tool in sorted(legit):
+        for r in legit[tool]:
+            rng = random.Random(f'{seed}:mismatch:{r["id"]}')
+            others = [t for t in r['tools'] if t != tool and t in legit]
+            if not others:
+                continue
+            lender = rng.choice(legit[rng.choice(others)])
+            mine, theirs = r['completion']['tool_call'], lender['completion']['tool_call']
+            call = (dict(theirs, parameters=mine['parameters'])
+                    if sorted(mine['parameters']) == sorted(theirs['parameters']) else theirs)
+            e = encode_trip(tok, dict(r, attacker_tool=call['name'], completion={'tool_call': call}), 'all')
+            e.update(source=r['id'], contrast=[encode_sample(tok, r, cb_mask), encode_sample(tok, lender, cb_mask)])
+            out.append(e)
+    if not out:
+        raise DataError('mismatch trips: no clean request calls a tool while another clean request calls one of the '
+                        'other tools it is offered')
+    return out
+
+
+def with_trips(batch, trips, step, n, seed, salt=3):
+    """A step's redirect batch with n trip rows drawn apart (step_batch, their own permutation; salt: whose), each
+    beside its contrasts (attach_contrasts, mismatch_trips): len(batch) + n x (1 + contrasts) rows, sorted by length
+    as step_batch sorts."""
+    drawn = [x for e in step_batch(trips, step, n, seed, salt=salt) for x in (e, *e['contrast'])]
     return sorted(batch + drawn, key=lambda e: len(e['ids']))
 
 

@@ -101,6 +101,9 @@ trip_contrast_concur = False  # with trip_batch_size: a last contrast, an inject
                               # trip does not key on the call's tool being the one the injection names
 trip_twins = False  # trip rows on the clean twins too (no injection, the attacker's tool forced): the trip learns
                     # that the tool does not fit the request, not that an injection is present
+trip_mismatch = 0  # N = N trip rows without an injection every step: a clean request with another offered tool's
+                   # call forced, <|eot_id|> from "parameters": on, beside the request's own call and the forced
+                   # call's own request (data.mismatch_trips): a trip keyed on a tool that does not fit the request
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -216,6 +219,10 @@ if trip_twin_target not in data.TWIN_TARGETS:
     fail(f"trip_twin_target must be one of {', '.join(data.TWIN_TARGETS)}, got {trip_twin_target!r}")
 if trip_twin_target != "call" and not trip_contrast_twin:
     fail(f"trip_twin_target={trip_twin_target} says what the twin contrast learns: it needs trip_contrast_twin=True")
+if type(trip_mismatch) is not int or trip_mismatch < 0:
+    fail(f"trip_mismatch must be an integer >= 0 (0: no trip rows without an injection), got {trip_mismatch!r}")
+if trip_mismatch and redirect_weight == 0:
+    fail("trip_mismatch adds rows to the redirect cross-entropy: it needs redirect_weight > 0")
 if trip_batch_size and trip_twins:
     fail("trip_batch_size gives each trip row its contrasts; trip_twins rows have none: use one or the other")
 if trip_twins and not trip:
@@ -245,8 +252,9 @@ else:
 master = rank == 0
 per_trip = 3 + trip_contrast_twin + trip_contrast_same + trip_contrast_concur  # a trip row and its contrasts
 for name, n in (("batch_size", batch_size),
-                ("redirect_batch_size" + (f" + {per_trip} x trip_batch_size" if trip_batch_size else ""),
-                 redirect_batch_size + per_trip * trip_batch_size)):
+                ("redirect_batch_size" + (f" + {per_trip} x trip_batch_size" if trip_batch_size else "")
+                 + (" + 3 x trip_mismatch" if trip_mismatch else ""),
+                 redirect_batch_size + per_trip * trip_batch_size + 3 * trip_mismatch)):
     if n % (world * grad_accum):
         fail(f"{name} {n} is not divisible by processes ({world}) x grad_accum ({grad_accum})")
 micro = batch_size // (world * grad_accum)
@@ -341,6 +349,7 @@ try:
                                   trip_contrast_same, trip_contrast_concur)
         else:
             redirect += trips
+    mismatches = data.mismatch_trips(tok, samples, seed, cb_mask) if trip_mismatch else []
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"
@@ -375,6 +384,8 @@ log(report)
 log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
     + (f" ({n_trip} trip rows" + (f", {trip_batch_size} a step beside their {per_trip - 1} contrasts"
                                    if trip_batch_size else "") + ")" if trip else "")
+    + (f" ({len(mismatches)} trip rows without an injection, {trip_mismatch} a step beside their 2 contrasts)"
+       if trip_mismatch else "")
     + (f" ({n_legit} legitimate calls to {pushed if legit_tools == 'pushed' else 'the attacked tools'} x "
        f"{legit_repeat})" if legit_repeat > 1 else "")
     + (f" ({n_adv_rows} with an adversary's slot of {adv_tokens} vectors, {adv_steps} steps, L2 {adv_eps} x the "
@@ -464,6 +475,8 @@ while step < max_steps:
                    redirect=data.step_batch(redirect, step, redirect_batch_size, seed, salt=2) if redirect else [])
     if trip_batch_size:  # this step's trip rows, each beside its contrasts
         batches["redirect"] = data.with_trips(batches["redirect"], trips, step, trip_batch_size, seed)
+    if trip_mismatch:  # and this step's trip rows without an injection, each beside its two contrasts
+        batches["redirect"] = data.with_trips(batches["redirect"], mismatches, step, trip_mismatch, seed, salt=4)
     logging = step % log_interval == 0
     try:
         record = train_step(model, fmodel, optimizer, params, batches, step, config, tok.pad_id, device, autocast,

@@ -371,6 +371,9 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_contrast_concur",), "trip_contrast_concur adds a contrast"),
     (lambda b, d, t: ("--trip_depth=all", "--trip_batch_size=2", "--trip_contrast_twin", "--trip_twin_target=x"),
      "trip_twin_target must be one of call, no_eot, trip, got 'x'"),
+    (lambda b, d, t: ("--trip_mismatch=-1",), "trip_mismatch must be an integer >= 0"),
+    (lambda b, d, t: ("--trip_mismatch=1", "--redirect_batch_size=4", "--grad_accum=2"),
+     "redirect_batch_size + 3 x trip_mismatch 7 is not divisible"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run",
@@ -380,7 +383,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "unknown_legit_tools", "legit_tools_without_repeat",
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
-        "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target"])
+        "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target",
+        "negative_trip_mismatch", "indivisible_trip_mismatch"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -695,6 +699,50 @@ def test_the_concurring_contrast_is_an_injection_that_pushes_the_users_own_tool_
         data.attach_contrasts(tok, without, trip_rows(tok, [by_id[concur[0]["source"]]], 1.0), concur=True)
 
 
+def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_calls_made_right(data_dir):
+    # trip_mismatch: a clean request for tool U with another offered tool V's call forced, <|eot_id|> at every position
+    # from "parameters": on; beside it the request's own call and the request V's call was taken from: the same
+    # forced tokens continued where they fit, so the only cue is the call's tool against the request
+    from chat import encode_sample, forced_prefill, mismatch_trips, prompt_ids
+    tok = data.load_tokenizer()
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    by_id = {r["id"]: r for r in rows}
+    clean = [r for r in rows if r["kind"] != "harmful" and r["attacker_tool"] is None and r["expected_tool"]]
+    trips = mismatch_trips(tok, rows, seed=3)
+    assert 0 < len(trips) <= len(clean) and len({e["source"] for e in trips}) == len(trips)
+    shared, pairs = 0, set()
+    for e in trips:
+        r = by_id[e["source"]]
+        own, lender = e["contrast"]
+        prompt = prompt_ids(tok, r["messages"], r["tools"])
+        assert own == encode_sample(tok, r) and e["ids"][:len(prompt)] == prompt  # the clean request itself
+        call = tok.decode(e["ids"][len(prompt):])
+        name = call.split('"name": "')[1].split('"')[0]
+        assert name != r["expected_tool"] and name in r["tools"]  # another of the tools it is offered
+        pairs.add((r["expected_tool"], name))
+        theirs = next(x for x in clean if encode_sample(tok, x) == lender)
+        assert theirs["expected_tool"] == name and theirs["id"] != r["id"]  # a clean request that calls that tool
+        mine_p, their_p = r["expected_call"]["parameters"], theirs["expected_call"]["parameters"]
+        if sorted(mine_p) == sorted(their_p):  # the same argument names: the request's own values, as a query flip
+            assert json.loads(call[len("<|python_tag|>"):])["parameters"] == mine_p
+            shared += mine_p != their_p
+        else:
+            n = len(e["ids"]) - len(prompt)
+            assert lender["ids"][-n - 1:] == e["ids"][len(prompt):] + [tok.eom_id]  # the very tokens of its call
+        cut = len(prompt) + len(forced_prefill(tok, name))
+        assert [m for m in e["target_mask"]] == [0] * cut + [1] * (len(e["ids"]) - cut)
+        assert all(l == tok.eot_id for l, m in zip(e["labels"], e["target_mask"]) if m) and not any(e["cb_mask"])
+    assert shared > 0  # search_web and retrieve_multimodal_docs swap with the request's own query
+    assert len(pairs) > 4  # many pairs of tools, not one
+    assert trips == mismatch_trips(tok, rows, seed=3) != mismatch_trips(tok, rows, seed=4)  # a seeded draw
+    batch = data.step_batch([encode_sample(tok, r) for r in rows], 4, 6, seed=3)
+    got = data.with_trips(batch, trips, 2, 2, seed=3, salt=4)
+    assert len(got) == len(batch) + 6 and got != data.with_trips(batch, trips, 2, 2, seed=3)  # its own permutation
+    alone = [r for r in rows if r["attacker_tool"] is not None or r["expected_tool"] in (None, "search_web")]
+    with pytest.raises(data.DataError, match="mismatch trips: no clean request calls a tool while another"):
+        mismatch_trips(tok, alone)
+
+
 def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
     # completion_ce: a label -(x + 1) adds -log(1 - p(x)) at that position, the rest stays cross-entropy; the same
     # with the lm_head whole and grouped by distinct rows (float64)
@@ -772,6 +820,15 @@ def test_trip_batch_size_trains_its_trip_rows_apart(base, data_dir, tmp_path):
     p = run_train(base, data_dir, tmp_path, "--max_steps=1", "--trip_depth=all", "--trip_batch_size=2",
                   "--trip_contrast_twin", "--batch_size=8")  # 8 + 2 x 4 redirect samples a step
     assert f"{pool} redirect samples ({flips} trip rows, 2 a step beside their 3 contrasts)" in p.stdout, p.stdout
+    assert os.path.exists(tmp_path / "ckpt.pt")
+
+
+def test_trip_mismatch_trains_rows_without_an_injection_beside_their_contrasts(base, data_dir, tmp_path):
+    from chat import mismatch_trips
+    rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
+    n = len(mismatch_trips(data.load_tokenizer(), rows, seed=1337))
+    p = run_train(base, data_dir, tmp_path, "--max_steps=1", "--trip_mismatch=2", "--batch_size=8")  # 8 + 2 x 3
+    assert f"({n} trip rows without an injection, 2 a step beside their 2 contrasts)" in p.stdout, p.stdout
     assert os.path.exists(tmp_path / "ckpt.pt")
 
 
