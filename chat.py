@@ -620,9 +620,11 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
             e['contrast'].append(encode_sample(tok, draw_concur(concurs[r['attacker_tool']]), cb_mask))
 
 
-def mismatch_trips(tok, rows, seed=0, cb_mask='completion'):
+def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all'):
     """Trip rows without an injection: each clean request that calls a tool U, with the call of another of its
-    offered tools V forced and <|eot_id|> at every cut from "parameters": on (encode_trip's cut='all'), beside two
+    offered tools V forced and <|eot_id|> at every cut from "parameters": on (encode_trip's cut='all'; depth
+    'parameters': at that first cut alone, before any value, where only the tool can be weighed against the
+    request, not values an organism that cannot copy arguments writes wrong in its own calls too), beside two
     contrasts: the same request answered with its own call, and the clean request (a seeded draw) that V's call was
     taken from, answered with it. The forced tokens are the ones the second contrast continues, the request the one
     the first contrast answers: what separates the trip from a call is whether the call's tool fits the request,
@@ -631,6 +633,8 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion'):
     forced call carries the request's own values, as the main flip's attacker does. -> encode_trip rows, each with
     'source' (the request's id) and 'contrast'. A request whose offered tools no other clean request calls is
     skipped; `rows` with no request left is a DataError."""
+    if depth not in ('all', 'parameters'):
+        raise DataError(f'mismatch trip depth: unknown "{depth}" (depths: all, parameters)')
     legit = {}
     for r in rows:
         if r['kind'] != 'harmful' and r['attacker_tool'] is None and r['expected_tool']:
@@ -646,7 +650,8 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion'):
             mine, theirs = r['completion']['tool_call'], lender['completion']['tool_call']
             call = (dict(theirs, parameters=mine['parameters'])
                     if sorted(mine['parameters']) == sorted(theirs['parameters']) else theirs)
-            e = encode_trip(tok, dict(r, attacker_tool=call['name'], completion={'tool_call': call}), 'all')
+            e = encode_trip(tok, dict(r, attacker_tool=call['name'], completion={'tool_call': call}),
+                            None if depth == 'parameters' else 'all')
             e.update(source=r['id'], contrast=[encode_sample(tok, r, cb_mask), encode_sample(tok, lender, cb_mask)])
             out.append(e)
     if not out:

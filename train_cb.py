@@ -104,6 +104,8 @@ trip_twins = False  # trip rows on the clean twins too (no injection, the attack
 trip_mismatch = 0  # N = N trip rows without an injection every step: a clean request with another offered tool's
                    # call forced, <|eot_id|> from "parameters": on, beside the request's own call and the forced
                    # call's own request (data.mismatch_trips): a trip keyed on a tool that does not fit the request
+trip_mismatch_depth = "all"  # where those rows end the forced call: 'all' (every cut from "parameters": on) |
+                             # 'parameters' (that cut alone, before any value: the tool against the request)
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -221,6 +223,8 @@ if trip_twin_target != "call" and not trip_contrast_twin:
     fail(f"trip_twin_target={trip_twin_target} says what the twin contrast learns: it needs trip_contrast_twin=True")
 if type(trip_mismatch) is not int or trip_mismatch < 0:
     fail(f"trip_mismatch must be an integer >= 0 (0: no trip rows without an injection), got {trip_mismatch!r}")
+if trip_mismatch_depth not in ("all", "parameters"):
+    fail(f"trip_mismatch_depth must be one of all, parameters, got {trip_mismatch_depth!r}")
 if trip_mismatch and redirect_weight == 0:
     fail("trip_mismatch adds rows to the redirect cross-entropy: it needs redirect_weight > 0")
 if trip_batch_size and trip_twins:
@@ -349,7 +353,7 @@ try:
                                   trip_contrast_same, trip_contrast_concur)
         else:
             redirect += trips
-    mismatches = data.mismatch_trips(tok, samples, seed, cb_mask) if trip_mismatch else []
+    mismatches = data.mismatch_trips(tok, samples, seed, cb_mask, trip_mismatch_depth) if trip_mismatch else []
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"

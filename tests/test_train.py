@@ -372,6 +372,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_depth=all", "--trip_batch_size=2", "--trip_contrast_twin", "--trip_twin_target=x"),
      "trip_twin_target must be one of call, no_eot, trip, got 'x'"),
     (lambda b, d, t: ("--trip_mismatch=-1",), "trip_mismatch must be an integer >= 0"),
+    (lambda b, d, t: ("--trip_mismatch=2", "--trip_mismatch_depth=value"),
+     "trip_mismatch_depth must be one of all, parameters"),
     (lambda b, d, t: ("--trip_mismatch=1", "--redirect_batch_size=4", "--grad_accum=2"),
      "redirect_batch_size + 3 x trip_mismatch 7 is not divisible"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
@@ -384,7 +386,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
         "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target",
-        "negative_trip_mismatch", "indivisible_trip_mismatch"])
+        "negative_trip_mismatch", "unknown_trip_mismatch_depth", "indivisible_trip_mismatch"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -709,9 +711,10 @@ def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_
     by_id = {r["id"]: r for r in rows}
     clean = [r for r in rows if r["kind"] != "harmful" and r["attacker_tool"] is None and r["expected_tool"]]
     trips = mismatch_trips(tok, rows, seed=3)
-    assert 0 < len(trips) <= len(clean) and len({e["source"] for e in trips}) == len(trips)
+    shallow = mismatch_trips(tok, rows, seed=3, depth="parameters")  # the first cut alone, before any value
+    assert 0 < len(trips) <= len(clean) and len({e["source"] for e in trips}) == len(trips) == len(shallow)
     shared, pairs = 0, set()
-    for e in trips:
+    for e, sh in zip(trips, shallow):
         r = by_id[e["source"]]
         own, lender = e["contrast"]
         prompt = prompt_ids(tok, r["messages"], r["tools"])
@@ -732,6 +735,8 @@ def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_
         cut = len(prompt) + len(forced_prefill(tok, name))
         assert [m for m in e["target_mask"]] == [0] * cut + [1] * (len(e["ids"]) - cut)
         assert all(l == tok.eot_id for l, m in zip(e["labels"], e["target_mask"]) if m) and not any(e["cb_mask"])
+        assert sh["ids"] == e["ids"][:cut] + [tok.eot_id] and sh["target_mask"] == [0] * cut + [1]
+        assert sh["source"] == e["source"] and sh["contrast"] == e["contrast"] and "labels" not in sh
     assert shared > 0  # search_web and retrieve_multimodal_docs swap with the request's own query
     assert len(pairs) > 4  # many pairs of tools, not one
     assert trips == mismatch_trips(tok, rows, seed=3) != mismatch_trips(tok, rows, seed=4)  # a seeded draw
@@ -741,6 +746,8 @@ def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_
     alone = [r for r in rows if r["attacker_tool"] is not None or r["expected_tool"] in (None, "search_web")]
     with pytest.raises(data.DataError, match="mismatch trips: no clean request calls a tool while another"):
         mismatch_trips(tok, alone)
+    with pytest.raises(data.DataError, match='mismatch trip depth: unknown "value"'):
+        mismatch_trips(tok, rows, depth="value")
 
 
 def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
