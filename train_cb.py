@@ -388,7 +388,7 @@ log(report)
 log(f"{len(harmful)} harmful / {len(retain)} retain / {len(redirect)} redirect samples"
     + (f" ({n_trip} trip rows" + (f", {trip_batch_size} a step beside their {per_trip - 1} contrasts"
                                    if trip_batch_size else "") + ")" if trip else "")
-    + (f" ({len(mismatches)} trip rows without an injection, {trip_mismatch} a step beside their 2 contrasts)"
+    + (f" ({len(mismatches)} trip rows without an injection, {trip_mismatch} a step, each beside its 2 contrasts)"
        if trip_mismatch else "")
     + (f" ({n_legit} legitimate calls to {pushed if legit_tools == 'pushed' else 'the attacked tools'} x "
        f"{legit_repeat})" if legit_repeat > 1 else "")

@@ -835,7 +835,7 @@ def test_trip_mismatch_trains_rows_without_an_injection_beside_their_contrasts(b
     rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
     n = len(mismatch_trips(data.load_tokenizer(), rows, seed=1337))
     p = run_train(base, data_dir, tmp_path, "--max_steps=1", "--trip_mismatch=2", "--batch_size=8")  # 8 + 2 x 3
-    assert f"({n} trip rows without an injection, 2 a step beside their 2 contrasts)" in p.stdout, p.stdout
+    assert f"({n} trip rows without an injection, 2 a step, each beside its 2 contrasts)" in p.stdout, p.stdout
     assert os.path.exists(tmp_path / "ckpt.pt")
 
 
