@@ -620,6 +620,9 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
             e['contrast'].append(encode_sample(tok, draw_concur(concurs[r['attacker_tool']]), cb_mask))
 
 
+MISMATCH_DEPTHS = ('all', 'parameters')
+
+
 def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all'):
     """Trip rows without an injection: each clean request that calls a tool U, with the call of another of its
     offered tools V forced and <|eot_id|> at every cut from "parameters": on (encode_trip's cut='all'; depth
@@ -633,8 +636,8 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all'):
     forced call carries the request's own values, as the main flip's attacker does. -> encode_trip rows, each with
     'source' (the request's id) and 'contrast'. A request whose offered tools no other clean request calls is
     skipped; `rows` with no request left is a DataError."""
-    if depth not in ('all', 'parameters'):
-        raise DataError(f'mismatch trip depth: unknown "{depth}" (depths: all, parameters)')
+    if depth not in MISMATCH_DEPTHS:
+        raise DataError(f'mismatch trip depth: unknown "{depth}" (depths: {", ".join(MISMATCH_DEPTHS)})')
     legit = {}
     for r in rows:
         if r['kind'] != 'harmful' and r['attacker_tool'] is None and r['expected_tool']:

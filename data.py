@@ -17,9 +17,9 @@ import random
 import re
 import string
 
-from chat import (CB_MASKS, KINDS, TOOLS, TRIP_DEPTHS, TWIN_TARGETS, DataError, attach_contrasts, bundled_tokenizer_dir,
-                  call_segments, check_row, collate, departure_start, encode_sample, encode_trip, load_jsonl,
-                  load_tokenizer, mask_report, mismatch_trips, prompt_ids, pushed_tool, render, step_batch,
+from chat import (CB_MASKS, KINDS, MISMATCH_DEPTHS, TOOLS, TRIP_DEPTHS, TWIN_TARGETS, DataError, attach_contrasts,
+                  bundled_tokenizer_dir, call_segments, check_row, collate, departure_start, encode_sample, encode_trip,
+                  load_jsonl, load_tokenizer, mask_report, mismatch_trips, prompt_ids, pushed_tool, render, step_batch,
                   tool_call_text, twins_of, with_trips, write_jsonl)
 from util import atomic_write, fail
 

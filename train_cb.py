@@ -223,8 +223,8 @@ if trip_twin_target != "call" and not trip_contrast_twin:
     fail(f"trip_twin_target={trip_twin_target} says what the twin contrast learns: it needs trip_contrast_twin=True")
 if type(trip_mismatch) is not int or trip_mismatch < 0:
     fail(f"trip_mismatch must be an integer >= 0 (0: no trip rows without an injection), got {trip_mismatch!r}")
-if trip_mismatch_depth not in ("all", "parameters"):
-    fail(f"trip_mismatch_depth must be one of all, parameters, got {trip_mismatch_depth!r}")
+if trip_mismatch_depth not in data.MISMATCH_DEPTHS:
+    fail(f"trip_mismatch_depth must be one of {', '.join(data.MISMATCH_DEPTHS)}, got {trip_mismatch_depth!r}")
 if trip_mismatch and redirect_weight == 0:
     fail("trip_mismatch adds rows to the redirect cross-entropy: it needs redirect_weight > 0")
 if trip_batch_size and trip_twins:
