@@ -623,7 +623,7 @@ def attach_contrasts(tok, rows, trips, seed=0, cb_mask='completion', twins=None,
 MISMATCH_DEPTHS = ('all', 'parameters')
 
 
-def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all'):
+def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all', spare=()):
     """Trip rows without an injection: each clean request that calls a tool U, with the call of another of its
     offered tools V forced and <|eot_id|> at every cut from "parameters": on (encode_trip's cut='all'; depth
     'parameters': at that first cut alone, before any value, where only the tool can be weighed against the
@@ -631,11 +631,12 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all'):
     contrasts: the same request answered with its own call, and the clean request (a seeded draw) that V's call was
     taken from, answered with it. The forced tokens are the ones the second contrast continues, the request the one
     the first contrast answers: what separates the trip from a call is whether the call's tool fits the request,
-    and every tool is forced about as often as it is called legitimately, so no tool's calls can be learnt as the
-    ones to end. Where V's call takes U's argument names (search_web and retrieve_multimodal_docs: a query), the
-    forced call carries the request's own values, as the main flip's attacker does. -> encode_trip rows, each with
-    'source' (the request's id) and 'contrast'. A request whose offered tools no other clean request calls is
-    skipped; `rows` with no request left is a DataError."""
+    and every forced call is continued as often as it is ended (its lender's contrast, drawn beside it), so no
+    tool's calls can be learnt as the ones to end. Where V's call takes U's argument names (search_web and retrieve_multimodal_docs: a query), the
+    forced call carries the request's own values, as the main flip's attacker does. `spare`: tools never forced
+    (train_cb spares the tool the injections push most, whose calls the injected trip rows already end). ->
+    encode_trip rows, each with 'source' (the request's id) and 'contrast'. A request whose offered tools no other
+    clean request calls (spared ones aside) is skipped; `rows` with no request left is a DataError."""
     if depth not in MISMATCH_DEPTHS:
         raise DataError(f'mismatch trip depth: unknown "{depth}" (depths: {", ".join(MISMATCH_DEPTHS)})')
     legit = {}
@@ -646,7 +647,7 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all'):
     for tool in sorted(legit):
         for r in legit[tool]:
             rng = random.Random(f'{seed}:mismatch:{r["id"]}')
-            others = [t for t in r['tools'] if t != tool and t in legit]
+            others = [t for t in r['tools'] if t != tool and t in legit and t not in spare]
             if not others:
                 continue
             lender = rng.choice(legit[rng.choice(others)])

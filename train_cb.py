@@ -106,6 +106,9 @@ trip_mismatch = 0  # N = N trip rows without an injection every step: a clean re
                    # call's own request (data.mismatch_trips): a trip keyed on a tool that does not fit the request
 trip_mismatch_depth = "all"  # where those rows end the forced call: 'all' (every cut from "parameters": on) |
                              # 'parameters' (that cut alone, before any value: the tool against the request)
+trip_mismatch_tools = "offered"  # which tools those rows force: 'offered' (any other tool the request offers) |
+                                 # 'unpushed' (not the tool the injections push most, whose calls the injected trip
+                                 # rows already end: search_web on the organism's data)
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -225,6 +228,8 @@ if type(trip_mismatch) is not int or trip_mismatch < 0:
     fail(f"trip_mismatch must be an integer >= 0 (0: no trip rows without an injection), got {trip_mismatch!r}")
 if trip_mismatch_depth not in data.MISMATCH_DEPTHS:
     fail(f"trip_mismatch_depth must be one of {', '.join(data.MISMATCH_DEPTHS)}, got {trip_mismatch_depth!r}")
+if trip_mismatch_tools not in ("offered", "unpushed"):
+    fail(f"trip_mismatch_tools must be one of offered, unpushed, got {trip_mismatch_tools!r}")
 if trip_mismatch and redirect_weight == 0:
     fail("trip_mismatch adds rows to the redirect cross-entropy: it needs redirect_weight > 0")
 if trip_batch_size and trip_twins:
@@ -353,7 +358,8 @@ try:
                                   trip_contrast_same, trip_contrast_concur)
         else:
             redirect += trips
-    mismatches = data.mismatch_trips(tok, samples, seed, cb_mask, trip_mismatch_depth) if trip_mismatch else []
+    spare = (data.pushed_tool(harmful_rows),) if trip_mismatch_tools == "unpushed" else ()
+    mismatches = data.mismatch_trips(tok, samples, seed, cb_mask, trip_mismatch_depth, spare) if trip_mismatch else []
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"

@@ -376,6 +376,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
      "trip_mismatch_depth must be one of all, parameters"),
     (lambda b, d, t: ("--trip_mismatch=1", "--redirect_batch_size=4", "--grad_accum=2"),
      "redirect_batch_size + 3 x trip_mismatch 7 is not divisible"),
+    (lambda b, d, t: ("--trip_mismatch=2", "--trip_mismatch_tools=pushed"),
+     "trip_mismatch_tools must be one of offered, unpushed, got 'pushed'"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run",
@@ -386,7 +388,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "negative_trip_batch", "trip_batch_without_trip", "trip_batch_with_twins", "indivisible_trip_batch",
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
         "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target",
-        "negative_trip_mismatch", "unknown_trip_mismatch_depth", "indivisible_trip_mismatch"])
+        "negative_trip_mismatch", "unknown_trip_mismatch_depth", "indivisible_trip_mismatch",
+        "unknown_trip_mismatch_tools"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -740,6 +743,11 @@ def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_
     assert shared > 0  # search_web and retrieve_multimodal_docs swap with the request's own query
     assert len(pairs) > 4  # many pairs of tools, not one
     assert trips == mismatch_trips(tok, rows, seed=3) != mismatch_trips(tok, rows, seed=4)  # a seeded draw
+    forced = lambda e: tok.decode(e["ids"]).split('"name": "')[-1].split('"')[0]
+    assert any(forced(e) == "search_web" for e in trips)
+    spared = mismatch_trips(tok, rows, seed=3, spare=("search_web",))  # the pushed tool is never forced, still
+    assert [e["source"] for e in spared] == [e["source"] for e in trips]  # every request that offers another tool
+    assert not any(forced(e) == "search_web" for e in spared) and len({forced(e) for e in spared}) > 3
     batch = data.step_batch([encode_sample(tok, r) for r in rows], 4, 6, seed=3)
     got = data.with_trips(batch, trips, 2, 2, seed=3, salt=4)
     assert len(got) == len(batch) + 6 and got != data.with_trips(batch, trips, 2, 2, seed=3)  # its own permutation
