@@ -632,11 +632,12 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all', spare=(
     taken from, answered with it. The forced tokens are the ones the second contrast continues, the request the one
     the first contrast answers: what separates the trip from a call is whether the call's tool fits the request,
     and every forced call is continued as often as it is ended (its lender's contrast, drawn beside it), so no
-    tool's calls can be learnt as the ones to end. Where V's call takes U's argument names (search_web and retrieve_multimodal_docs: a query), the
-    forced call carries the request's own values, as the main flip's attacker does. `spare`: tools never forced
-    (train_cb spares the tool the injections push most, whose calls the injected trip rows already end). ->
-    encode_trip rows, each with 'source' (the request's id) and 'contrast'. A request whose offered tools no other
-    clean request calls (spared ones aside) is skipped; `rows` with no request left is a DataError."""
+    tool's calls can be learnt as the ones to end. Where V's call takes U's argument names (search_web and
+    retrieve_multimodal_docs: a query), the forced call carries the request's own values, as the main flip's
+    attacker does. `spare`: tools never forced (train_cb spares the tool the injections push most, whose calls the
+    injected trip rows already end). -> encode_trip rows, each with 'source' (the request's id) and 'contrast'. A
+    request whose offered tools no other clean request calls (spared ones aside) is skipped; `rows` with no request
+    left is a DataError."""
     if depth not in MISMATCH_DEPTHS:
         raise DataError(f'mismatch trip depth: unknown "{depth}" (depths: {", ".join(MISMATCH_DEPTHS)})')
     legit = {}

@@ -331,9 +331,8 @@ try:
             if s["id"] in twins:
                 e["twin"] = data.encode_sample(tok, twins[s["id"]], cb_mask)
             redirect.append(e)
-    n_legit, pushed = 0, None
+    n_legit, pushed = 0, data.pushed_tool(harmful_rows)  # the tool the injections push most: search_web here
     if redirect_benign:
-        pushed = data.pushed_tool(harmful_rows)  # search_web on the organism's data
         repeated = ({pushed} if legit_tools == "pushed" else
                     {s["attacker_tool"] for s in harmful_rows if s["attacker_tool"] is not None})
         for s in samples:
@@ -358,7 +357,7 @@ try:
                                   trip_contrast_same, trip_contrast_concur)
         else:
             redirect += trips
-    spare = (data.pushed_tool(harmful_rows),) if trip_mismatch_tools == "unpushed" else ()
+    spare = (pushed,) if trip_mismatch_tools == "unpushed" else ()
     mismatches = data.mismatch_trips(tok, samples, seed, cb_mask, trip_mismatch_depth, spare) if trip_mismatch else []
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
