@@ -484,16 +484,22 @@ def encode_trip(tok, sample, cut=None):
     anywhere inside the call, not only where eval's forced-call pass cuts. cut='all': every cut at once, from
     eval's forced-call cut to the call's second-to-last token, in one row: the attacker's call teacher-forced, each
     of those positions labelled <|eot_id|> ("labels" differs from "ids" there). cut='value': the same from the
-    first token of the first attacker's value on (value_cut), so the trip keys on the attacker's arguments, which a
-    call the user asked for never writes; a flip that keeps the user's arguments is cut as 'all'. -> dict(ids,
+    first cut that has seen a token of the first attacker's value (value_cut; for a hijack, the token where the
+    call departs from the user's), so the trip keys on the attacker's arguments, which a call the user asked for
+    never writes; a flip that keeps the user's arguments is cut as 'all'. -> dict(ids,
     cb_mask, target_mask[, labels]) as encode_sample, the target the <|eot_id|>s alone, nothing rerouted."""
     prompt = prompt_ids(tok, sample['messages'], sample['tools'])
     forced = forced_prefill(tok, sample['attacker_tool'])
     if cut is not None:
         call = call_ids(tok, sample['completion']['tool_call'])
         if cut in ('all', 'value'):
-            start = len(forced) if cut == 'all' else value_cut(tok, sample)
-            start = len(forced) if start is None else start
+            v = value_cut(tok, sample) if cut == 'value' else None
+            if v is not None:  # the first cut has seen the departing token, not only the tokens before it, which
+                # a hijack's redirect row shares and trains towards the user's value (one more where they share
+                # a first token)
+                dep = departure_start(tok, sample, call) if sample.get('expected_call') else None
+                v = max(v, dep or 0) + 1
+            start = len(forced) if v is None else v
             ids = prompt + call[:-1]  # no <|eom_id|>; the state before position t has seen t - len(prompt) call ids
             on = [int(len(prompt) + start <= t) for t in range(len(ids))]
             return {'ids': ids, 'cb_mask': [0] * len(ids), 'target_mask': on,

@@ -70,7 +70,7 @@ trip = True  # the redirect cross-entropy also learns <|eot_id|> after a forced 
 trip_share = 1.0  # the share of the tool-flip samples that become trip rows (a seeded draw)
 trip_depth = "parameters"  # where the attacker's call is cut: 'parameters' (eval's forced-call cut) | 'any' (a seeded
                            # cut from there into its arguments, one per row) | 'all' (every such cut, in one row)
-                           # | 'value' (every cut from the first attacker's value on, hijacks' rows too)
+                           # | 'value' (every cut that has seen the first attacker's value, hijacks' too)
 adv_tokens = 0  # embedding-space adversarial training: a slot of this many vectors after the injection of a share of
                 # the redirect rows (where attack.py puts its tokens), moved by PGD towards the attacker's call
                 # before each step's cross-entropy on the user's call; 0 = off

@@ -551,11 +551,13 @@ def test_trip_rows_at_every_depth_are_every_single_cut_at_once(data_dir):
 
 
 def test_trip_rows_by_value_trip_from_the_first_attackers_value_and_take_the_hijacks_too(data_dir):
-    # trip_depth='value': the <|eot_id|> labels start at the first token of the first argument whose value differs
-    # from the user's call (a hijack's swapped argument, a flip's first argument); a flip that keeps the user's
-    # arguments departs at the name and is cut as 'all'; the hijacks get trip rows too. The adversary's target
-    # (adv_trip) starts at the same token.
-    from chat import call_ids, encode_trip, trip_rows, value_cut
+    # trip_depth='value': the <|eot_id|> labels start at the first cut that has seen a token of the first argument
+    # whose value differs from the user's call (a hijack's swapped argument, a flip's first argument), and that has
+    # seen where a hijack departs from the user's call: no state a trip row ends is one its redirect row (the same
+    # prompt, the user's call) trains towards the user's value. A flip that keeps the user's arguments departs at
+    # the name and is cut as 'all'; the hijacks get trip rows too. The adversary's target (adv_trip) starts at the
+    # same position.
+    from chat import call_ids, departure_start, encode_trip, trip_rows, value_cut
     tok = data.load_tokenizer()
     rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
     harmful = [r for r in rows if r["kind"] == "harmful"]
@@ -576,13 +578,19 @@ def test_trip_rows_by_value_trip_from_the_first_attackers_value_and_take_the_hij
         full = tok.decode(call)
         start = full.index(json.dumps(key) + ": ") + len(json.dumps(key) + ": ") + isinstance(value, str)
         assert len(tok.decode(call[:k])) <= start < len(tok.decode(call[:k + 1]))  # token k reaches into the value
-        assert e["target_mask"] == [0] * (P + k) + [1] * (len(call) - 1 - k)  # the value's first token on
-        assert [l for l, m in zip(e["labels"], e["target_mask"]) if m] == [tok.eot_id] * (len(call) - 1 - k)
+        first = max(k, departure_start(tok, r, call)) + 1  # the first cut that has seen the departing value token
+        assert e["target_mask"] == [0] * (P + first) + [1] * (len(call) - 1 - first)
+        assert [l for l, m in zip(e["labels"], e["target_mask"]) if m] == [tok.eot_id] * (len(call) - 1 - first)
         assert sum(e["target_mask"]) < sum(whole["target_mask"])
+        redirect = P + len(call_ids(tok, r["expected_call"]))
+        right = e["ids"][:P] + call_ids(tok, r["expected_call"])
+        assert len(right) == redirect
+        for t, m in enumerate(e["target_mask"]):  # no tripped state is a state of the user's own call
+            assert not (m and e["ids"][:t] == right[:t]), (r["id"], t)
         kinds.add("hijack" if r["attacker_tool"] == r["expected_tool"] else "flip")
         if len(kinds) == 3 and r["attacker_tool"] == r["expected_tool"]:
             a = data.adversarial_trip(tok, r, dict(e, source=r["id"]), 4)["attack"]
-            assert [i for i, m in zip(a["ids"], a["target_mask"]) if m] == call[k:-1]
+            assert [i for i, m in zip(a["ids"], a["target_mask"]) if m] == call[first:-1]
     assert kinds == {"name", "flip", "hijack"}
     hijack = next(r for r in harmful if r["family"] == "hijack_money")
     k = value_cut(tok, hijack)
