@@ -524,6 +524,10 @@ def trip_rows(tok, rows, share=1.0, seed=0, twins=None, depth='parameters'):
     request, not the presence of an injection."""
     if depth not in TRIP_DEPTHS:
         raise DataError(f'trip depth: unknown "{depth}" (depths: {", ".join(TRIP_DEPTHS)})')
+    for r in rows:  # a trip forces the attacker's call: a harmful row must be one
+        if r['kind'] == 'harmful' and (r['attacker_tool'] is None or 'tool_call' not in r['completion']):
+            raise DataError(f'{r.get("id", "a harmful row")}: a trip row forces the attacker\'s call; this harmful row '
+                            'needs "attacker_tool" and a {"tool_call"} completion (or --trip=False)')
     flips = [r for r in rows if r['kind'] == 'harmful' and (r['attacker_tool'] != r['expected_tool']
                                                              or depth == 'value' and r['attacker_tool'])]
     flips = random.Random(seed).sample(flips, round(share * len(flips)))
@@ -654,7 +658,8 @@ def mismatch_trips(tok, rows, seed=0, cb_mask='completion', depth='all', spare=(
     for tool in sorted(legit):
         for r in legit[tool]:
             rng = random.Random(f'{seed}:mismatch:{r["id"]}')
-            others = [t for t in r['tools'] if t != tool and t in legit and t not in spare]
+            offered = [tool_schema(t)['name'] for t in r['tools']]  # names or JSON schemas
+            others = [t for t in offered if t != tool and t in legit and t not in spare]
             if not others:
                 continue
             lender = rng.choice(legit[rng.choice(others)])

@@ -149,7 +149,14 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if resume:
     if not os.path.isfile(ckpt_path):
         fail(f"{ckpt_path}: no checkpoint to resume from")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # any unreadable file: torch raises pickle, zip and runtime errors alike
+        fail(f"{ckpt_path}: not a readable checkpoint ({type(e).__name__})")
+    keys = ("config", "init_from", "lora", "optimizer", "step")
+    missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        fail(f"{ckpt_path}: not a train_cb.py checkpoint (no {missing[0]!r})")
     # the run continues as it was configured; only these may change on the command line, and a setting given
     # on the command line that disagrees with the checkpoint stops the run rather than being silently replaced
     keep = ("init_from", "out_dir", "max_steps", "log_interval", "eval_interval", "device", "compile", "pad_multiple",
@@ -173,6 +180,9 @@ for name in ("retain_call_weight", "lorra_alpha", "redirect_weight", "pull_weigh
              "min_lr"):
     if not globals()[name] >= 0:
         fail(f"{name} must be >= 0, got {globals()[name]}")
+for name in ("alpha_decay_multiplier", "promised_flops"):
+    if not globals()[name] > 0:
+        fail(f"{name} must be > 0, got {globals()[name]}")
 if not lr > 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or not 0 <= lora_dropout < 1:
     fail(f"need lr > 0, 0 <= beta1, beta2, lora_dropout < 1; got lr {lr}, betas {beta1}, {beta2}, "
          f"lora_dropout {lora_dropout}")
@@ -351,6 +361,9 @@ try:
             trips = [data.adversarial_trip(tok, by_id[e["source"]], e, adv_tokens)
                      if "source" in e and slotted() < adv_trip else e for e in trips]
         n_trip = len(trips)
+        if not trips:
+            fail(f"{train_path}: trip=True found no sample to trip on (tool flips, and hijacks with trip_depth=value; "
+                 f"trip_share {trip_share}): --trip=False trains without trip rows")
         if trip_batch_size:  # each trip row beside its contrasts, drawn apart from the redirect pool each step
             data.attach_contrasts(tok, samples, trips, seed, cb_mask,
                                   data.twins_of(samples) if trip_contrast_twin else None, trip_twin_target,
@@ -374,6 +387,8 @@ try:
     if empty and lorra_alpha > 0 and reroute:
         fail(f"{train_path}: sample {empty[0]} has nothing to reroute under cb_mask={cb_mask!r} (an empty mask)")
     val = []
+    if val_file and not os.path.isfile(val_file):
+        fail(f"{val_file}: no such file (val_file)")
     if os.path.isfile(val_path):
         val = [data.encode_sample(tok, s, cb_mask) for s in data.load_jsonl(val_path) if s["kind"] == "harmful"][:n_val]
 except data.DataError as e:
@@ -479,8 +494,8 @@ while step < max_steps:
     for group in optimizer.param_groups:
         group["lr"] = lr_at(step, lr, max_steps, warmup_steps, min_lr, lr_schedule)
     torch.manual_seed(seed + 1000003 * step + rank)  # dropout: a function of (seed, step, rank), resume-exact
-    batches = dict(harmful=data.step_batch(harmful, step, batch_size, seed, salt=0) if reroute else [],
-                   retain=data.step_batch(retain, step, batch_size, seed, salt=1),
+    batches = dict(harmful=data.step_batch(harmful, step, batch_size, seed, salt=0) if reroute and harmful else [],
+                   retain=data.step_batch(retain, step, batch_size, seed, salt=1) if retain else [],
                    redirect=data.step_batch(redirect, step, redirect_batch_size, seed, salt=2) if redirect else [])
     if trip_batch_size:  # this step's trip rows, each beside its contrasts
         batches["redirect"] = data.with_trips(batches["redirect"], trips, step, trip_batch_size, seed)

@@ -331,7 +331,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     rows[i]["completion"] = {"content": "Sure, I will search the web for that."}
     path = tmp_path / "train.jsonl"
     data.write_jsonl(str(path), rows)
-    return f"--train_file={path}", "--cb_mask=tool_name"
+    return f"--train_file={path}", "--cb_mask=tool_name", "--trip=False"  # trip rows refuse it sooner
 
 
 @pytest.mark.parametrize("make_args, words", [
@@ -378,6 +378,10 @@ def train_file_with_text_completion(data_dir, tmp_path):
      "redirect_batch_size + 3 x trip_mismatch 7 is not divisible"),
     (lambda b, d, t: ("--trip_mismatch=2", "--trip_mismatch_tools=pushed"),
      "trip_mismatch_tools must be one of offered, unpushed, got 'pushed'"),
+    (lambda b, d, t: ("--alpha_decay_multiplier=0",), "alpha_decay_multiplier must be > 0"),
+    (lambda b, d, t: ("--promised_flops=0",), "promised_flops must be > 0"),
+    (lambda b, d, t: (f"--val_file={t / 'vall.jsonl'}",), "vall.jsonl: no such file (val_file)"),
+    (lambda b, d, t: ("--trip_share=1e-9",), "trip=True found no sample to trip on"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run",
@@ -389,7 +393,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "twin_contrast_without_trip_batch", "twin_target_without_twin_contrast",
         "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target",
         "negative_trip_mismatch", "unknown_trip_mismatch_depth", "indivisible_trip_mismatch",
-        "unknown_trip_mismatch_tools"])
+        "unknown_trip_mismatch_tools", "zero_decay_multiplier", "zero_promised_flops", "missing_val_file",
+        "no_trip_rows"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -407,6 +412,30 @@ def test_resume_refuses_command_line_settings_that_disagree_with_the_checkpoint(
     assert load_ckpt(tmp_path)["step"] == 1  # nothing was trained or written
     run_train(base, data_dir, tmp_path, "--init_from=resume", "--max_steps=2", "--lr=3e-3")  # the same value is fine
     assert load_ckpt(tmp_path)["step"] == 2
+
+
+@pytest.mark.parametrize("content, words", [(b"not a checkpoint", "not a readable checkpoint"),
+                                            (None, "not a train_cb.py checkpoint (no 'init_from')")])
+def test_resume_from_a_file_that_is_not_a_checkpoint_stops_with_one_line(base, data_dir, tmp_path, content, words):
+    tmp_path.mkdir(exist_ok=True)
+    if content is None:
+        torch.save({"config": {}}, tmp_path / "ckpt.pt")
+    else:
+        (tmp_path / "ckpt.pt").write_bytes(content)
+    p = run_train(base, data_dir, tmp_path, "--init_from=resume", check=False)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode != 0 and len(lines) == 1 and words in lines[0], p.stderr
+
+
+def test_a_term_that_is_off_needs_no_rows(base, data_dir, tmp_path):
+    # fine-tuning alone (lorra_alpha=0) on data without a single harmful row: no rerouting batch is drawn from the
+    # empty pool (it divided by zero), and the redirect term trains
+    rows = [r for r in data.load_jsonl(os.path.join(data_dir, "train.jsonl")) if r["kind"] != "harmful"]
+    path = tmp_path / "train.jsonl"
+    data.write_jsonl(str(path), rows)
+    run_train(base, data_dir, tmp_path / "out", f"--train_file={path}", "--lorra_alpha=0", "--trip=False",
+              "--max_steps=2")
+    assert load_ckpt(tmp_path / "out")["step"] == 2
 
 
 # --- the redirect terms: the injected agent does the user's task --------------------------------------------
@@ -716,7 +745,7 @@ def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_
     # trip_mismatch: a clean request for tool U with another offered tool V's call forced, <|eot_id|> at every position
     # from "parameters": on; beside it the request's own call and the request V's call was taken from: the same
     # forced tokens continued where they fit, so the only cue is the call's tool against the request
-    from chat import encode_sample, forced_prefill, mismatch_trips, prompt_ids
+    from chat import encode_sample, forced_prefill, mismatch_trips, prompt_ids, tool_schema
     tok = data.load_tokenizer()
     rows = data.load_jsonl(os.path.join(data_dir, "train.jsonl"))
     by_id = {r["id"]: r for r in rows}
@@ -764,6 +793,8 @@ def test_a_mismatch_trip_ends_another_tools_call_on_a_clean_request_beside_both_
         mismatch_trips(tok, alone)
     with pytest.raises(data.DataError, match='mismatch trip depth: unknown "value"'):
         mismatch_trips(tok, rows, depth="value")
+    schemas = [dict(r, tools=[tool_schema(t) for t in r["tools"]]) for r in rows]  # tools as JSON schemas
+    assert mismatch_trips(tok, schemas, seed=3) == trips
 
 
 def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
@@ -881,3 +912,8 @@ def test_trip_rows_force_the_attackers_call_and_target_the_end_of_turn_alone(dat
     # the forced prefix is the start of the harmful sample's own call: the same tokens the model would emit
     harmful = data.encode_sample(tok, flip, "departure")["ids"]
     assert harmful[:len(prompt) + len(pre)] == prompt + pre
+    # a harmful row that is no attacker's call cannot be forced: one DataError naming it, not a KeyError
+    from chat import trip_rows
+    for bad in (dict(flip, completion={"content": "Sure."}), dict(flip, attacker_tool=None)):
+        with pytest.raises(data.DataError, match=f"{flip['id']}: a trip row forces the attacker's call"):
+            trip_rows(tok, [bad])
