@@ -496,8 +496,6 @@ def plot(summary, path):
 # -------------------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     t_start = time.time()
-    items = [heldout_families] if isinstance(heldout_families, str) else heldout_families  # --x=a,b is one string
-    heldout_families = tuple(f for item in items for f in str(item).split(",") if f)
     for name in ("n_adv", "steps", "n_candidates", "topk", "batch_size", "embed_steps", "embed_restarts",
                  "max_new_tokens"):
         if not (type(globals()[name]) is int and globals()[name] > 0):
@@ -538,6 +536,7 @@ if __name__ == "__main__":
     ev.check_base(base_dir, info, source=ckpt)
 
     cases_path, cases, tok = ev.load_cases(data, data_dir, base_dir)
+    heldout_families = ev.heldout_families_given(heldout_families, cases, cases_path)
     if kinds and any("kind" not in c for c in cases):
         fail(f"{cases_path}: case {next(c['id'] for c in cases if 'kind' not in c)} has no \"kind\" for --kinds "
              "to select by (eval cases have none: drop --kinds)")

@@ -432,6 +432,20 @@ def delta(base, cb):
     return {k: delta(v, cb[k]) for k, v in base.items() if isinstance(v, dict) and k != "outcomes"}
 
 
+def heldout_families_given(value, cases, cases_path):
+    """--heldout_families as the configurator gives it (a tuple, or --x=a,b as the one string 'a,b') -> a tuple of
+    names, each the family of some case of cases_path, or one line that names the first that is none's; () = not
+    given (heldout_families_of then reads the data's summary)."""
+    items = [value] if isinstance(value, str) else value
+    families = tuple(f for item in items for f in str(item).split(",") if f)
+    have = {c.get("family") for c in cases}
+    unknown = [f for f in families if f not in have]
+    if unknown:
+        fail(f"heldout_families: no case of {cases_path} is of family {unknown[0]!r} (its families: "
+             f"{', '.join(sorted(f for f in have if f))})")
+    return families
+
+
 def heldout_families_of(cases_path, default=dataset.HELDOUT_FAMILIES):
     """The injection families the split at cases_path holds out of training, as summary.json beside it says
     (data.py writes "heldout_families": {split: [family, ...]}; the file names the split: val.jsonl -> "val");
@@ -671,9 +685,6 @@ def load_model(base_dir, info, dtype, device, source=""):
 # -----------------------------------------------------------------------------------------------------
 if __name__ == "__main__":
     t_start = time.time()
-    # --heldout_families=a,b arrives as the one string 'a,b'
-    items = [heldout_families] if isinstance(heldout_families, str) else heldout_families
-    heldout_families = tuple(f for item in items for f in str(item).split(",") if f)
     if harvest_from not in ("base", "cb"):
         fail(f"harvest_from must be 'base' or 'cb', got {harvest_from!r}")
     if max_new_tokens <= 0 or batch_size <= 0 or n_cases < 0 or n_rep < 0:
@@ -693,6 +704,9 @@ if __name__ == "__main__":
     cfg = check_base(base_dir, info, source=ckpt)
 
     cases_path, cases, tok = load_cases(data, data_dir, base_dir)
+    heldout_families = heldout_families_given(heldout_families, cases, cases_path)
+    if attacker_tool and not any(attacker_tool in (c["expected_tool"], c["attacker_tool"]) for c in cases):
+        fail(f"attacker_tool: no case of {cases_path} calls or is pushed to {attacker_tool!r}")
     cases = cases[:n_cases] if n_cases else cases
     try:
         prompts = [dataset.prompt_ids(tok, c["messages"], c["tools"]) for c in cases]

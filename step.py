@@ -184,7 +184,7 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
     adversary on the redirect rows' slots adv_tokens, adv_steps, adv_eps, adv_lr with anchors (V, D), the real
     token embeddings its vectors start from (adversarial_embeds). Returns the
     step's record: coefficients, the losses (summed over processes), the gradient norm, and on logging steps the
-    diagnostics merged over the whole batch.
+    diagnostics merged over this process's share of the batch (not all-reduced: train_cb logs rank 0's).
     """
     layers, top = list(cfg["layers"]), max(cfg["layers"])
     accum = cfg["grad_accum"]

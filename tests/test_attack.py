@@ -403,6 +403,14 @@ def test_a_case_without_attacker_tool_stops_with_one_line(checkpoint, case):
     assert f"{cases}:2" in p.stderr and "attacker_tool" in p.stderr
 
 
+def test_a_heldout_family_no_case_has_stops_with_one_line(checkpoint, case):
+    cases = checkpoint / "fam.jsonl"
+    cases.write_text(json.dumps(case) + "\n")
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={cases}", "--heldout_families=nope")
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
+    assert f"no case of {cases} is of family 'nope'" in p.stderr
+
+
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])
 def test_a_checkpoint_that_is_not_one_stops_with_one_line(checkpoint, tmp_path, content):
     path = tmp_path / "ckpt.pt"

@@ -586,6 +586,10 @@ def test_bad_inputs_are_one_line_errors(trained, tmp_path):
         ((ckpt, cases("same.jsonl", [dict(GOOD, expected_tool="search_web")])),
          'same.jsonl:1: expected_tool and attacker_tool are both "search_web"'),
         ((ckpt, "other.pt"), "one ckpt at a time"),
+        ((ckpt, cases("fams.jsonl", [GOOD]), "--heldout_families=other_languag"),
+         "heldout_families: no case of"),
+        ((ckpt, cases("tool.jsonl", [GOOD]), "--attacker_tool=search_wbe"),
+         "attacker_tool: no case of"),
     ]
     for argv, want in expect:
         msg = run_eval(*argv)
