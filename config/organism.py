@@ -12,7 +12,8 @@
 init_from = "organism"
 out_dir = "out/organism"
 layers = (1, 3)
-max_steps = 150
+max_steps = 300  # chosen on val (2026-12-07): 300 beat 150, and 300 at batch 16 (150's compute), on ASR, the user's
+                 # tool under attack and benign routing, 3 seeds each (README, Lab notebook)
 lr = 3e-3
 lorra_alpha = 0.0
 redirect_weight = 1.0

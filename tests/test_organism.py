@@ -18,7 +18,7 @@ DATA = ["--N_TRAIN=2000", "--N_VAL=64", "--N_TEST=160"]
 # organism.py's defaults but width 96 (MLP 256) and 250 of its 400 steps: 217 s on one busy core of a 2-core machine,
 # against 306 s at the default width 128 (the mission was the suite's long pole: .ci/run took 615 s in CI)
 ORGANISM = ["--max_steps=250", "--dim=96", "--hidden_dim=256", "--log_interval=50"]
-# config/organism.py's recipe at batch 8 (its redirect and benign rows), 100 of its 150 steps
+# config/organism.py's recipe at batch 8 (its redirect and benign rows), 100 of its 300 steps
 CB = ["config/organism.py", "--batch_size=8", "--max_steps=100", "--log_interval=50", "--eval_interval=1000",
       "--device=cpu", "--dtype=float32", "--compile=False"]
 
