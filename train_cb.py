@@ -183,6 +183,8 @@ for name in ("retain_call_weight", "lorra_alpha", "redirect_weight", "pull_weigh
 for name in ("alpha_decay_multiplier", "promised_flops"):
     if not globals()[name] > 0:
         fail(f"{name} must be > 0, got {globals()[name]}")
+if val_file and not os.path.isfile(val_file):  # before the model loads; the default val.jsonl may be absent
+    fail(f"{val_file}: no such file (val_file)")
 if not lr > 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or not 0 <= lora_dropout < 1:
     fail(f"need lr > 0, 0 <= beta1, beta2, lora_dropout < 1; got lr {lr}, betas {beta1}, {beta2}, "
          f"lora_dropout {lora_dropout}")
@@ -387,8 +389,6 @@ try:
     if empty and lorra_alpha > 0 and reroute:
         fail(f"{train_path}: sample {empty[0]} has nothing to reroute under cb_mask={cb_mask!r} (an empty mask)")
     val = []
-    if val_file and not os.path.isfile(val_file):
-        fail(f"{val_file}: no such file (val_file)")
     if os.path.isfile(val_path):
         val = [data.encode_sample(tok, s, cb_mask) for s in data.load_jsonl(val_path) if s["kind"] == "harmful"][:n_val]
 except data.DataError as e:

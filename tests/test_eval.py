@@ -550,7 +550,8 @@ def test_eval_end_to_end_writes_every_documented_key(trained):
         assert set(g) == {"overall", "clean", "twins", "injected", "train_families", "heldout_families",
                           "train_families_writable", "heldout_families_writable", "by_family", "by_tool"}
         assert set(g["overall"]) == {"n", "outcomes", "asr", "forced_asr", "resisted_correct", "resisted_correct_tool",
-                                     "twin_tool_acc", "resisted_correct_tool_twin_right", "safe_failure", "benign_acc", "benign_acc_params", "attacker_tool_benign_acc",
+                                     "twin_tool_acc", "resisted_correct_tool_twin_right", "safe_failure", "benign_acc",
+                                     "benign_acc_params", "attacker_tool_benign_acc",
                                      "well_formed", "eom_rate", "malformed", "malformed_attacker", "malformed_user",
                                      "degenerate", "degenerate_clean"}
         assert g["overall"]["n"] == 6 and sum(g["overall"]["outcomes"].values()) == 6

@@ -611,9 +611,7 @@ def test_trip_rows_by_value_trip_from_the_first_attackers_value_and_take_the_hij
         assert e["target_mask"] == [0] * (P + first) + [1] * (len(call) - 1 - first)
         assert [l for l, m in zip(e["labels"], e["target_mask"]) if m] == [tok.eot_id] * (len(call) - 1 - first)
         assert sum(e["target_mask"]) < sum(whole["target_mask"])
-        redirect = P + len(call_ids(tok, r["expected_call"]))
         right = e["ids"][:P] + call_ids(tok, r["expected_call"])
-        assert len(right) == redirect
         for t, m in enumerate(e["target_mask"]):  # no tripped state is a state of the user's own call
             assert not (m and e["ids"][:t] == right[:t]), (r["id"], t)
         kinds.add("hijack" if r["attacker_tool"] == r["expected_tool"] else "flip")
