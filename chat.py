@@ -732,7 +732,9 @@ def collate(examples, pad_id, multiple=1):
     """Right-pad to the batch's longest example, rounded up to a multiple of `multiple` (fewer distinct shapes for
     the GPU's kernels to meet for the first time). -> ids (B,T) long, attn (B,T) bool (False on pads),
     cb_mask (B,T) float, target_mask (B,T) bool, labels (B,T) long: the ids the target positions are trained
-    towards, the example's "labels" where it has them (trip rows at every depth), else its ids."""
+    towards, the example's "labels" where it has them (trip rows at every depth), else its ids; weight (B,)
+    float: what each of the example's target tokens counts in the cross-entropy, its "weight" (train_cb's
+    trip_weight on trip rows), else 1."""
     import torch
     T = -(-max(len(e['ids']) for e in examples) // multiple) * multiple
     pad = lambda xs, v: list(xs) + [v] * (T - len(xs))
@@ -742,6 +744,7 @@ def collate(examples, pad_id, multiple=1):
         'cb_mask': torch.tensor([pad(e['cb_mask'], 0) for e in examples], dtype=torch.float),
         'target_mask': torch.tensor([pad(e['target_mask'], 0) for e in examples], dtype=torch.bool),
         'labels': torch.tensor([pad(e.get('labels', e['ids']), pad_id) for e in examples], dtype=torch.long),
+        'weight': torch.tensor([float(e.get('weight', 1.0)) for e in examples]),
     }
 
 

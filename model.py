@@ -484,12 +484,13 @@ def class_logits(head, h):
     return (h @ head[0].t()).to(torch.promote_types(h.dtype, torch.float32))
 
 
-def class_cross_entropy(head, h, targets):
+def class_cross_entropy(head, h, targets, weight=None):
     """Summed full-vocabulary cross-entropy of the token ids targets (N,) from states h (N, dim): the log of the
-    sum over classes of count x exp(logit), less the target's class logit."""
+    sum over classes of count x exp(logit), less the target's class logit; each term x weight (N,) where given."""
     logits = class_logits(head, h)
     total = torch.logsumexp(logits + head[1].to(logits.dtype), -1)
-    return (total - logits.gather(-1, head[2][targets][:, None])[:, 0]).sum()
+    ce = total - logits.gather(-1, head[2][targets][:, None])[:, 0]
+    return (ce if weight is None else ce * weight).sum()
 
 
 def class_argmax(head, logits):

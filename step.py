@@ -100,21 +100,22 @@ def completion_ce(model, h, b):
     trip rows at every depth) from the last hidden states h (B, T, D), after the final norm: only the target
     positions go through the lm_head, by its distinct rows where they are grouped (model.head). A label -(x + 1)
     asks for anything but token x there (the trip's clean-twin contrast with trip_twin_target='no_eot'): its term
-    is the unlikelihood -log(1 - p(x))."""
+    is the unlikelihood -log(1 - p(x)). Each term counts its row's b["weight"] times (train_cb's trip_weight)."""
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
     h, labels = h[:, :-1][emit], b["labels"][:, 1:][emit]
+    w = b["weight"][:, None].expand_as(emit)[emit] if "weight" in b else torch.ones(len(labels), device=h.device)
     like = labels >= 0
     if model.head is not None:
-        ce = class_cross_entropy(model.head, h[like], labels[like])
+        ce = class_cross_entropy(model.head, h[like], labels[like], w[like])
         logits = class_logits(model.head, h[~like])  # (n_unlikely, U): a class per distinct row
         log_p = logits.gather(-1, model.head[2][-labels[~like] - 1][:, None])[:, 0] \
             - torch.logsumexp(logits + model.head[1].to(logits.dtype), -1)
     else:
         logits = model.lm_head(h)  # (n_targets, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-        ce = F.cross_entropy(logits[like], labels[like], reduction="sum")
+        ce = (F.cross_entropy(logits[like], labels[like], reduction="none") * w[like]).sum()
         log_p = logits[~like].log_softmax(-1).gather(-1, (-labels[~like] - 1)[:, None])[:, 0]
-    return ce - torch.log(-torch.expm1(log_p.clamp(max=-1e-6))).sum()  # log(1 - p), stable as p -> 0
+    return ce - (torch.log(-torch.expm1(log_p.clamp(max=-1e-6))) * w[~like]).sum()  # log(1 - p), stable as p -> 0
 
 
 def adversarial_embeds(model, fmodel, rows, b, cfg, anchors, pad_id, autocast=nullcontext(), dynamic=False):
@@ -199,10 +200,10 @@ def train_step(model, fmodel, optimizer, params, batches, step, cfg, pad_id, dev
               redirect=c_redirect > 0 and bool(redirect), pull=c_pull > 0 and bool(redirect))
     # denominators of the whole step: rerouted positions; the retain nanmean's L x B x T with T fixed at
     # retain_len positions (the original pads every retain sample to 1024), so a batch's weight does not
-    # depend on its padding; the redirect call's target tokens
+    # depend on its padding; the redirect call's target tokens, each counted its row's weight
     rr_count = sum(sum(e["cb_mask"]) for e in harmful)
     retain_norm = len(retain) * cfg["retain_len"]
-    redirect_count = sum(sum(e["target_mask"]) for e in redirect)
+    redirect_count = sum(e.get("weight", 1.0) * sum(e["target_mask"]) for e in redirect)  # weighted tokens
     pull_count = sum(sum(e["target_mask"]) for e in redirect if e.get("twin")) or 1
     adversary = any("adv" in e for e in redirect) and bool(cfg.get("adv_tokens", 0)) and anchors is not None
     adv_count = sum(sum(e["attack"]["target_mask"]) for e in redirect if "adv" in e) or 1

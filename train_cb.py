@@ -109,6 +109,8 @@ trip_mismatch_depth = "all"  # where those rows end the forced call: 'all' (ever
 trip_mismatch_tools = "offered"  # which tools those rows force: 'offered' (any other tool the request offers) |
                                  # 'unpushed' (not the tool the injections push most, whose calls the injected trip
                                  # rows already end: search_web on the organism's data)
+trip_weight = 1.0  # what each trip row (trip, trip_mismatch) counts in the redirect cross-entropy, against 1 for
+                   # every other row, its contrasts included: a trip gentler than one row a step can still have them
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -210,6 +212,10 @@ if adv_trip and not (adv_tokens and trip):
     fail("adv_trip puts the adversary's slot in the trip rows: it needs adv_tokens > 0 and trip=True")
 if adv_tokens and redirect_weight == 0:
     fail("adv_tokens puts an adversary in the redirect rows: it needs redirect_weight > 0")
+if not 0 < trip_weight < float("inf"):
+    fail(f"trip_weight must be > 0 (trip=False and trip_mismatch=0 turn the trip rows off), got {trip_weight!r}")
+if trip_weight != 1.0 and not (trip or trip_mismatch):
+    fail("trip_weight weighs the trip rows: it needs trip=True or trip_mismatch > 0")
 if not 0 < trip_share <= 1:
     fail(f"trip_share must be in (0, 1] (trip=False turns the trip rows off), got {trip_share}")
 if type(eval_interval) is not int or eval_interval < 0:
@@ -374,6 +380,9 @@ try:
             redirect += trips
     spare = (pushed,) if trip_mismatch_tools == "unpushed" else ()
     mismatches = data.mismatch_trips(tok, samples, seed, cb_mask, trip_mismatch_depth, spare) if trip_mismatch else []
+    if trip_weight != 1.0:  # the rows that learn <|eot_id|>; their contrasts count 1
+        for e in (trips if trip else []) + mismatches:
+            e["weight"] = trip_weight
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"

@@ -382,6 +382,8 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--promised_flops=0",), "promised_flops must be > 0"),
     (lambda b, d, t: (f"--val_file={t / 'vall.jsonl'}",), "vall.jsonl: no such file (val_file)"),
     (lambda b, d, t: ("--trip_share=1e-9",), "trip=True found no sample to trip on"),
+    (lambda b, d, t: ("--trip_weight=0",), "trip_weight must be > 0"),
+    (lambda b, d, t: ("--trip_weight=0.5", "--trip=False"), "trip_weight weighs the trip rows: it needs trip=True"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run",
@@ -394,7 +396,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target",
         "negative_trip_mismatch", "unknown_trip_mismatch_depth", "indivisible_trip_mismatch",
         "unknown_trip_mismatch_tools", "zero_decay_multiplier", "zero_promised_flops", "missing_val_file",
-        "no_trip_rows"])
+        "no_trip_rows", "zero_trip_weight", "trip_weight_without_trip"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
@@ -818,6 +820,78 @@ def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
         grouped = step.completion_ce(model, step.hidden_states(model, model, b["ids"], False)[-1], b)
     assert model.head is not None
     assert torch.allclose(whole, want, rtol=1e-10, atol=0) and torch.allclose(grouped, want, rtol=1e-10, atol=0)
+
+
+def _weighted_rows():
+    # two completion rows of a tiny float64 model's vocabulary, the second with an unlikelihood label
+    a = {"ids": [3, 9, 17, 4, 22, 31], "cb_mask": [0] * 6, "target_mask": [0, 0, 1, 1, 1, 1]}
+    b = {"ids": [5, 8, 41, 2, 11, 6, 30], "cb_mask": [0] * 7, "target_mask": [0, 0, 0, 1, 1, 1, 1],
+         "labels": [5, 8, 41, 2, -(46 + 1), 6, 30]}
+    return a, b
+
+
+def test_a_rows_weight_multiplies_its_terms_of_the_cross_entropy():
+    # completion_ce: a row with "weight" w adds w x its own cross-entropy (unlikelihood terms too), with the
+    # lm_head whole and grouped by distinct rows (float64)
+    import step
+    from chat import collate
+    from model import Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
+                              max_seq_len=64)).double()
+    with torch.no_grad():
+        model.lm_head.weight[40:] = 0  # equal rows, for the grouped head
+    a, b = _weighted_rows()
+    ce = lambda rows: step.completion_ce(model, step.hidden_states(model, model, collate(rows, 0)["ids"], False)[-1],
+                                         collate(rows, 0))
+    with torch.no_grad():
+        for grouped in (False, True):
+            if grouped:
+                model.group_head_rows()
+            want = 2.5 * ce([a]) + 0.25 * ce([b])
+            got = ce([dict(a, weight=2.5), dict(b, weight=0.25)])
+            assert torch.allclose(got, want, rtol=1e-10, atol=0) and not torch.allclose(got, ce([a, b]), rtol=1e-3)
+    assert model.head is not None
+
+
+def test_a_row_of_weight_two_trains_as_the_row_twice():
+    # train_step: a redirect row of weight 2 gives the loss and the gradient of the same row drawn twice (its
+    # tokens count twice in the denominator too), in float64
+    import step
+    from model import Llama, LlamaConfig
+    cfg = dict(layers=(1,), grad_accum=1, lorra_alpha=0.0, alpha_decay_multiplier=2.0, max_steps=10,
+               redirect_weight=1.0, grad_clip=0.0, retain_call_weight=1.0, retain_len=256)
+    a, b = _weighted_rows()
+    results = []
+    for redirect in ([dict(a, weight=2.0), b], [a, a, b]):
+        torch.manual_seed(0)
+        model = Llama(LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
+                                  max_seq_len=64)).double()
+        params = list(model.parameters())
+        rec = step.train_step(model, model, torch.optim.SGD(params, lr=1.0), params, dict(redirect=redirect), 0, cfg,
+                              pad_id=0)
+        results.append((rec["loss_redirect"], torch.cat([p.detach().flatten() for p in params])))
+    (l1, w1), (l2, w2) = results
+    assert abs(l1 - l2) <= 1e-12 * abs(l2) and torch.allclose(w1, w2, rtol=1e-10, atol=1e-14)
+
+
+def test_trip_weight_weighs_the_trip_rows_and_not_their_contrasts(base, data_dir, tmp_path, monkeypatch):
+    # through train_cb.py, in this process: every row of a step's redirect batch that learns <|eot_id|> inside a
+    # forced call (injected trip rows and those without an injection) carries the weight, and no other row does
+    import step
+    seen, real = [], step.train_step
+    monkeypatch.setattr(step, "train_step", lambda *a, **k: seen.append(a[4]["redirect"]) or real(*a, **k))
+    monkeypatch.setattr(sys, "argv", train_cmd(base, data_dir, tmp_path, "--max_steps=2", "--trip_depth=all",
+                                               "--trip_batch_size=2", "--trip_mismatch=1", "--trip_weight=0.25",
+                                               "--batch_size=8"))
+    runpy.run_path(os.path.join(ROOT, "train_cb.py"), run_name="__main__")
+    eot = data.load_tokenizer().eot_id
+    for rows in seen:  # 8 redirect rows, 2 trip rows beside 2 contrasts each, 1 mismatch trip beside 2
+        assert len(rows) == 8 + 2 * 3 + 3
+        trips = [e for e in rows if eot in [l for l, m in zip(e.get("labels", []), e["target_mask"]) if m]]
+        assert len(trips) == 3 and all(e.get("weight") == 0.25 for e in trips)
+        assert sum("weight" in e for e in rows) == 3
+    assert len(seen) == 2 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["trip_weight"] == 0.25
 
 
 def test_the_no_eot_twin_contrast_only_keeps_the_turn_open(data_dir):
