@@ -73,17 +73,23 @@ for i, (name, overrides) in enumerate(ROWS):
         run(["train_cb.py", "config/organism.py", *overrides, *forward["train_cb.py"], f"--out_dir={out_dir}"])
         run(["eval.py", os.path.join(out_dir, "ckpt.pt"), "--representation=False", *forward["eval.py"],
              f"--out={out_dir}/eval.json"])
-    if not os.path.isfile(os.path.join(out_dir, "eval.json")):
+    path = os.path.join(out_dir, "eval.json")
+    if not os.path.isfile(path):
         continue
-    with open(os.path.join(out_dir, "eval.json")) as f:
-        ev = json.load(f)
-    base, cb = ev["metrics"]["base"], ev["metrics"]["cb"]
-    both = lambda g, k: f"{pct(base[g], k)} → {pct(cb[g], k)}"
-    table.append((name, both("train_families", "asr"), both("heldout_families", "asr"),
-                  both("train_families", "resisted_correct_tool"), both("heldout_families", "resisted_correct_tool"),
-                  both("train_families", "forced_asr"), both("heldout_families", "forced_asr"),
-                  pct(cb["injected"], "malformed"), both("clean", "benign_acc"),
-                  pct(cb["clean"], "attacker_tool_benign_acc"), pct(cb["clean"], "degenerate_clean")))
+    try:  # a row read back may be an older eval.py's report
+        with open(path) as f:
+            ev = json.load(f)
+        base, cb = ev["metrics"]["base"], ev["metrics"]["cb"]
+        both = lambda g, k: f"{pct(base[g], k)} → {pct(cb[g], k)}"
+        table.append((name, both("train_families", "asr"), both("heldout_families", "asr"),
+                      both("train_families", "resisted_correct_tool"),
+                      both("heldout_families", "resisted_correct_tool"),
+                      both("train_families", "forced_asr"), both("heldout_families", "forced_asr"),
+                      pct(cb["injected"], "malformed"), both("clean", "benign_acc"),
+                      pct(cb["clean"], "attacker_tool_benign_acc"), pct(cb["clean"], "degenerate_clean")))
+    except (ValueError, KeyError, TypeError) as e:
+        fail(f"{path}: not a report of this eval.py with a checkpoint ({type(e).__name__}: {e}); rerun the row "
+             f"(--rows={i})")
     print(" | ".join(table[-1]), flush=True)
 
 print("\n| run | ASR train | ASR held-out | resisted and correct (tool) train | held-out | forced-call ASR train "

@@ -526,6 +526,9 @@ if __name__ == "__main__":
         fail(f"rows_legit must be an integer >= 0, got {rows_legit!r}")
     if rows and not os.path.isdir(os.path.dirname(os.path.abspath(rows))):
         fail(f"--rows={rows}: no such directory to write it in")
+    for name, path in (("out", out), ("rows", rows)):
+        if path and os.path.isdir(path):
+            fail(f"--{name}={path}: is a directory; give the path of the file to write")
 
     if dtype not in ev.DTYPES:
         fail(f"dtype must be one of {', '.join(ev.DTYPES)}, got {dtype!r}")

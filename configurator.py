@@ -88,8 +88,9 @@ def _configure(g, argv):
             except Exception as e:
                 fail(f"{arg}: {type(e).__name__}: {e}")
             for key, value in scope.items():
-                if key.startswith("_") or not isinstance(value, (int, float, str, tuple, list, dict, type(None))):
-                    continue  # imports and helpers of the config file
+                if key.startswith("_") or not isinstance(value, (int, float, str, tuple, list, dict, type(None))) \
+                        and (key not in keys or callable(value) or isinstance(value, type(os))):
+                    continue  # imports and helpers of the config file (a set or a range for a setting is no helper)
                 if key not in keys:
                     fail(f"{arg}: unknown config key {key!r}")
                 g[key] = coerce(key, value, arg)

@@ -25,7 +25,7 @@ import re
 import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import DTYPES, ModelError, checkpoint_files, load_config
@@ -233,6 +233,7 @@ if __name__ == "__main__":
             else:
                 n, total = write_merged(tmp, base, files, lora_ckpt, mods, DTYPES[dtype], max_shard)
                 what = f"merged {dtype} checkpoint, {total / 1e9:.2f} GB in {n} shard(s)"
-    except OSError as e:  # a full disk: the temp dir is gone, the old --out untouched
+    except (OSError, SafetensorError) as e:  # a full disk (safetensors' own error while it writes): the temp dir
+        # is gone, the old --out untouched
         fail(f"{out}: writing the export failed ({e}); nothing was written")
     print(f"export.py: wrote {what} to {out}")

@@ -71,6 +71,12 @@ if not (lr > 0 and 0 <= min_lr <= lr and weight_decay >= 0 and grad_clip > 0):
          f"{grad_clip}")
 if dtype not in ("float32", "float64"):
     fail(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+if not out_dir:
+    fail("--out_dir: a directory is required")
+if os.path.lexists(out_dir) and not os.path.isfile(os.path.join(out_dir, "organism.json")) and (
+        not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    fail(f"--out_dir={out_dir}: exists and holds no organism (no organism.json), and the build replaces the whole "
+         "directory: choose another")
 ptdtype = getattr(torch, dtype)
 torch.manual_seed(seed)
 tok = data.load_tokenizer()

@@ -45,16 +45,19 @@ def atomic_write(path, data):
     try:
         if callable(data):
             os.close(fd)
+            fd = None  # its number is free for the writer's own files: never close it again
             data(tmp)
         else:
             with os.fdopen(fd, "wb") as f:
+                fd = None  # the file object closes it
                 f.write(data.encode() if isinstance(data, str) else data)
         _fsync(tmp)
         _readable(tmp, 0o666)
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)  # a writer that raised before fdopen took the descriptor
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)  # fdopen raised before it took the descriptor
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
         raise

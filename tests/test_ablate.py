@@ -84,3 +84,14 @@ def test_bad_arguments_stop_with_one_line_before_any_run(tmp_path):
         rc, out, err = ablate(tmp_path, arg)
         assert rc == 1 and err == line + "\n" and out == ""
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_row_read_back_from_an_older_eval_is_one_line_naming_the_file(tmp_path):
+    assert ablate(tmp_path, "--rows=1")[0] == 0
+    path = tmp_path / "runs" / "1" / "eval.json"
+    old = json.loads(path.read_text())
+    del old["metrics"]["cb"]["clean"]["attacker_tool_benign_acc"]  # a figure an older eval.py did not write
+    path.write_text(json.dumps(old))
+    rc, out, err = ablate(tmp_path, "--rows=()")
+    assert rc == 1 and err == (f"ablate.py: {path}: not a report of this eval.py with a checkpoint (KeyError: "
+                               "'attacker_tool_benign_acc'); rerun the row (--rows=1)\n"), err

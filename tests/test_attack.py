@@ -411,6 +411,17 @@ def test_a_heldout_family_no_case_has_stops_with_one_line(checkpoint, case):
     assert f"no case of {cases} is of family 'nope'" in p.stderr
 
 
+@pytest.mark.parametrize("name", ["out", "rows"])
+def test_an_output_path_that_is_a_directory_stops_with_one_line_before_the_attack(checkpoint, tmp_path, name):
+    p = run(str(checkpoint / "ckpt.pt"), f"--data={checkpoint / 'cases.jsonl'}", f"--{name}={tmp_path}",
+            f"--out={tmp_path / 'a.json'}" if name == "rows" else f"--rows={tmp_path / 'r.jsonl'}", "--rows_legit=0",
+            "--n_adv=3", "--steps=1", "--n_candidates=8", "--topk=4", "--embed_steps=1", "--embed_restarts=1",
+            "--max_new_tokens=4")
+    assert p.returncode != 0 and p.stderr == f"attack.py: --{name}={tmp_path}: is a directory; give the path of " \
+                                              "the file to write\n", p.stderr
+    assert p.stdout == "" and os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("content", [b"not a checkpoint", None])
 def test_a_checkpoint_that_is_not_one_stops_with_one_line(checkpoint, tmp_path, content):
     path = tmp_path / "ckpt.pt"

@@ -90,6 +90,13 @@ def test_a_config_file_with_an_unknown_key_or_missing_is_one_line(tmp_path):
     assert rc == 1 and err.startswith("script.py: missing.py: cannot read config file")
 
 
+def test_a_config_file_value_of_the_wrong_type_is_one_line_not_ignored(tmp_path):
+    (tmp_path / "c.py").write_text("layers = {10, 12}\n")  # a set: neither a tuple nor a helper
+    assert run(tmp_path, "c.py") == (1, "script.py: c.py: layers expects tuple (default (10, 20)), got {10, 12}")
+    (tmp_path / "h.py").write_text("import os as ckpt\ndef lr(): pass\nmax_steps = 7\n")  # helpers: still skipped
+    assert run(tmp_path, "h.py")[1]["max_steps"] == 7
+
+
 def test_a_declared_positional_takes_one_bare_argument(tmp_path):
     rc, cfg = run(tmp_path, "out/ckpt.pt", "--max_steps=3", before_exec="_positional = 'ckpt'")
     assert rc == 0 and cfg["ckpt"] == "out/ckpt.pt" and cfg["max_steps"] == 3

@@ -193,3 +193,17 @@ def test_failed_write_leaves_no_half_written_output(trained, tmp_path, monkeypat
     err = export(trained["ckpt"], f"--out={tmp_path / 'merged'}", "--shard_size=64KB")
     assert isinstance(err, str) and "No space left" in err and "\n" not in err, err
     assert len(calls) == 2 and os.listdir(tmp_path) == []
+
+
+def test_a_full_disk_while_safetensors_writes_is_one_line_and_leaves_no_output(trained, tmp_path, monkeypatch):
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def disk_full(*args, **kw):  # what save_file raises when a write fails (seen with RLIMIT_FSIZE: os error 27)
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    for mode in ([], ["--adapter"]):
+        err = export(trained["ckpt"], f"--out={tmp_path / 'o'}", *mode)
+        assert isinstance(err, str) and err.startswith("export.py: ") and "No space left" in err, err
+        assert "\n" not in err and os.listdir(tmp_path) == []

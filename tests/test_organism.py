@@ -68,6 +68,21 @@ def test_bad_micro_batch_stops_with_one_line(tmp_path):
         "organism.py: batch_size and micro_batch must be positive integers, got 32 and 0"]
 
 
+@pytest.mark.parametrize("out_dir", ["mine", ".", ""])
+def test_an_out_dir_that_holds_no_organism_is_never_replaced(tmp_path, out_dir):
+    data_dir = tiny_data(tmp_path / "data")
+    work = tmp_path / "work"
+    (work / "mine").mkdir(parents=True)
+    (work / "mine" / "notes.txt").write_text("keep")
+    (work / "notes.txt").write_text("keep")
+    small = ["--dim=8", "--n_layers=1", "--n_heads=1", "--n_kv_heads=1", "--hidden_dim=8", "--max_steps=1",
+             "--warmup_steps=0", f"--data_dir={data_dir}"]
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "organism.py"), *small, f"--out_dir={out_dir}"], cwd=work,
+                       capture_output=True, text=True)
+    assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "--out_dir" in p.stderr, p.stderr
+    assert sorted(os.listdir(work)) == ["mine", "notes.txt"] and os.listdir(work / "mine") == ["notes.txt"]
+
+
 def value(metrics, group, key):
     return metrics[group][key]["value"]
 

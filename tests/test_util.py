@@ -110,3 +110,17 @@ def test_fail_under_a_test_runner_names_the_calling_module():
     with pytest.raises(SystemExit) as e:
         fail("bad value")
     assert e.value.code == "test_util.py: bad value"
+
+
+def test_a_writer_that_raises_keeps_the_files_it_opened(tmp_path):
+    kept = []
+
+    def writer(tmp):
+        kept.append(open(tmp_path / "log.txt", "w"))  # takes the lowest free descriptor: the temp file's, just closed
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_write(tmp_path / "ckpt.pt", writer)
+    kept[0].write("still open")
+    kept[0].close()  # flushes: EBADF if atomic_write closed the writer's descriptor as its own
+    assert (tmp_path / "log.txt").read_text() == "still open"
