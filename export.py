@@ -47,6 +47,7 @@ if __name__ == "__main__":  # imported (by a test), only the functions below
 # copied from the base when present; Llama's license asks that a derivative ship with its agreement
 HF_FILES = ("generation_config.json", "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "chat_template.jinja", "original", "LICENSE", "LICENSE.txt", "USE_POLICY.md")
+WEIGHT_FILES = ("*.pth", "*.pt", "*.bin", "*.safetensors")  # never copied from original/: the base's weights
 
 
 def parse_size(s):
@@ -180,8 +181,9 @@ def write_merged(tmp, base, files, ckpt, mods, dt, max_shard):
         json.dump(hf, fh, indent=2)
     for name in HF_FILES:
         src = os.path.join(base, name)
-        if os.path.isdir(src):
-            shutil.copytree(src, os.path.join(tmp, name))
+        if os.path.isdir(src):  # original/: Meta's layout, whose consolidated.*.pth are the base's own weights,
+            # without the breaker: a user loading them with Meta's code would run the unprotected model
+            shutil.copytree(src, os.path.join(tmp, name), ignore=shutil.ignore_patterns(*WEIGHT_FILES))
         elif os.path.isfile(src):
             shutil.copy2(src, os.path.join(tmp, name))
     return n, total

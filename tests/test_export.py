@@ -48,6 +48,8 @@ def trained(tmp_path_factory):
     base = tiny_base(root / "base")
     (root / "base" / "original").mkdir()
     (root / "base" / "original" / "tokenizer.model").write_bytes((root / "base" / "tokenizer.model").read_bytes())
+    (root / "base" / "original" / "params.json").write_text('{"dim": 32}')
+    torch.save({"tok_embeddings.weight": torch.zeros(2, 2)}, root / "base" / "original" / "consolidated.00.pth")
     (root / "base" / "generation_config.json").write_text('{"bos_token_id": 128000, "temperature": 0.6}')
     # without the redirect terms, which load every block: blocks 0..max(layers) only, so block 3 stays untouched
     run_train(base, tiny_data(root / "data"), root / "out", "--max_steps=3", "--lr=1e-2", "--lora_b_init_std=0.05",
@@ -115,8 +117,10 @@ def test_merged_export_is_sharded_with_index_and_base_files(trained):
     assert {os.stat(d / f).st_mode for f in shards} == {os.stat(trained["root"] / "by_open").st_mode}
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in tensors(d).values())
     for name in ("config.json", "tokenizer.json", "tokenizer.model", "original/tokenizer.model",
-                 "generation_config.json"):
+                 "original/params.json", "generation_config.json"):
         assert (d / name).read_bytes() == (trained["root"] / "base" / name).read_bytes()
+    # Meta's copy of the base weights (no breaker in them) stays out of the circuit-broken export
+    assert not (d / "original" / "consolidated.00.pth").exists()
 
 
 def test_default_dtype_is_bfloat16(trained):
