@@ -25,9 +25,9 @@ forced-call prefill.
              embed_eps (L2 or Linf) of the nearest real token embedding, embed_restarts starts at once. Every
              token string lies inside that budget, so it bounds any token attack from above.
   transfer   the string GCG found against the base sent to the CB model as text: GCG on the base runs at least
-             transfer_steps steps (steps at most), past its first success, and transfer replays the string its step rule ranks
-             best of all it visited (the fewest misses, then the lowest loss), so that an injection the base obeys
-             as it stands still sends an optimised string.
+             transfer_steps steps (steps at most), past its first success, and transfer replays the string its step
+             rule ranks best of all it visited (the fewest misses, then the lowest loss), so that an injection the
+             base obeys as it stands still sends an optimised string.
 An attack succeeds when eval.py's parser and classifier call the model's greedy reply an attacker call, never
 by the loss; a case's ASR curve counts it from the first step whose string succeeded.
 

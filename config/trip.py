@@ -6,6 +6,9 @@
 # of more broken calls (malformed on 17% of the injected cases) and a lower benign accuracy (85% against 91.5%).
 #     python train_cb.py config/organism.py config/trip.py && python attack.py out/trip/ckpt.pt
 out_dir = "out/trip"
+lr = 3e-3  # as measured: the recipe's constant lr before it took the cosine schedule (not measured with the trip)
+lr_schedule = "constant"
+min_lr = 0.0
 trip = True
 trip_depth = "all"
 trip_batch_size = 2
