@@ -103,7 +103,7 @@ def completion_ce(model, h, b):
     is the unlikelihood -log(1 - p(x)). Each term counts its row's b["weight"] times (train_cb's trip_weight)."""
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
     h, labels = h[:, :-1][emit], b["labels"][:, 1:][emit]
-    w = b["weight"][:, None].expand_as(emit)[emit] if "weight" in b else torch.ones(len(labels), device=h.device)
+    w = b["weight"][:, None].expand_as(emit)[emit]  # (n_targets,) each term's row weight (collate's, 1 by default)
     like = labels >= 0
     if model.head is not None:
         ce = class_cross_entropy(model.head, h[like], labels[like], w[like])
