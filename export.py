@@ -225,6 +225,10 @@ if __name__ == "__main__":
 
     lora_ckpt, mods = read_checkpoint(ckpt)
     base = init_from or lora_ckpt["init_from"]
+    for what, path in (("the checkpoint", ckpt), ("the base", base)):  # --force would swap out an input at the end
+        here, there = os.path.realpath(path), os.path.realpath(out_dir)
+        if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
+            fail(f"{out}: holds {what} {path}, which the export reads; write it to another directory")
     files = check_base(base, lora_ckpt, ckpt, mods)
     try:
         with atomic_dir(out_dir) as tmp:  # an old --out (with --force) is swapped out only once the new one is whole

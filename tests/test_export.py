@@ -1,6 +1,7 @@
 import json
 import os
 import runpy
+import shutil
 import sys
 
 import pytest
@@ -152,6 +153,24 @@ def test_bad_inputs_get_one_line_and_leave_no_output(trained, tmp_path):
     exported(ckpt, f"--out={busy}", "--adapter", "--force")
     assert sorted(os.listdir(busy)) == ["adapter_config.json", "adapter_model.safetensors"]
     assert sorted(os.listdir(tmp_path)) == ["busy", "moved.pt", "other"]
+
+
+def test_an_out_that_holds_an_input_is_refused_even_with_force(trained, tmp_path):
+    """--force swaps the old --out away once the export is whole: at the base or the checkpoint's directory (or a
+    directory above either) that would delete the export's own input."""
+    base = tmp_path / "models" / "base"
+    shutil.copytree(trained["base"], base)
+    ckpt = tmp_path / "run" / "ckpt.pt"
+    ckpt.parent.mkdir()
+    shutil.copy(trained["ckpt"], ckpt)
+    for out, what in ((base, "the base"), (tmp_path / "models", "the base"), (ckpt.parent, "the checkpoint"),
+                      (tmp_path, "the checkpoint")):
+        err = export(ckpt, f"--out={out}", f"--init_from={base}", "--force")
+        assert err == f"export.py: {out}: holds {what} {base if what == 'the base' else ckpt}, which the export " \
+                      "reads; write it to another directory", err
+    assert sorted(os.listdir(tmp_path)) == ["models", "run"] and os.listdir(ckpt.parent) == ["ckpt.pt"]
+    assert sorted(os.listdir(base)) == sorted(os.listdir(trained["base"]))
+    exported(ckpt, f"--out={tmp_path / 'models' / 'cb'}", f"--init_from={base}", "--adapter")  # beside it is fine
 
 
 def test_impossible_settings_stop_with_one_line_before_anything_is_written(tmp_path):
