@@ -35,7 +35,7 @@ def mission(tmp_path_factory):
     data_dir, org, out = tmp / "data", tmp / "organism", tmp / "cb"
     run("data.py", f"--OUT_DIR={data_dir}", *DATA)
     run("organism.py", f"--data_dir={data_dir}", f"--out_dir={org}", *ORGANISM)
-    reused = run("organism.py", f"--data_dir={data_dir}", f"--out_dir={org}", *ORGANISM)
+    reused = run("organism.py", f"--data_dir={data_dir}", f"--out_dir={org}", *ORGANISM, "--log_interval=7")
     run("train_cb.py", *CB, f"--init_from={org}", f"--data_dir={data_dir}", f"--out_dir={out}")
     run("eval.py", str(out / "ckpt.pt"), f"--data_dir={data_dir}", "--forced=False", f"--out={out / 'eval.json'}")
     with open(out / "eval.json") as f:
@@ -93,7 +93,7 @@ def test_organism_is_a_hugging_face_checkpoint_and_is_reused(mission):
     for name in ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "organism.json"):
         assert os.path.isfile(org / name), name
     assert json.load(open(org / "config.json"))["vocab_size"] == 128256  # the real vocabulary, not the compact one
-    assert "reusing it" in mission["reused"]
+    assert "reusing it" in mission["reused"]  # though its log_interval differs: the weights would be the same
 
 
 @pytest.mark.slow
