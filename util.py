@@ -66,8 +66,8 @@ def atomic_write(path, data):
 
 @contextlib.contextmanager
 def atomic_dir(path):
-    """Yield a temp directory next to `path` to fill; on success every file in it is fsync'd and it takes
-    the place of `path` (an old `path` is moved aside, then removed). On an error it is removed."""
+    """Yield a temp directory next to `path` to fill; on success every file and directory in it is fsync'd and it
+    takes the place of `path` (an old `path` is moved aside, then removed). On an error it is removed."""
     path = os.path.abspath(path)
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
@@ -76,6 +76,7 @@ def atomic_dir(path):
     try:
         yield tmp
         for d, dirs, files in os.walk(tmp):
+            _fsync(d, directory=True)  # its entries: a file whose own data is on disk can still lose its name
             for name in files:
                 if not os.path.islink(os.path.join(d, name)):
                     _readable(os.path.join(d, name), 0o666)

@@ -74,6 +74,7 @@ def test_atomic_dir_replaces_an_existing_dir(tmp_path, fsynced):
     assert sorted(os.listdir(out)) == ["config.json", "original"]
     assert (out / "original" / "tokenizer.model").read_text() == "tok"
     assert {os.stat(out / "config.json").st_ino, os.stat(out / "original" / "tokenizer.model").st_ino} <= fsynced
+    assert {os.stat(out).st_ino, os.stat(out / "original").st_ino, os.stat(tmp_path).st_ino} <= fsynced  # entries
     assert os.listdir(tmp_path) == ["export"]
 
 
