@@ -9,7 +9,7 @@ subprocesses, `jobs` runs at once; the table gives each figure as base -> the me
     python ablate.py --max_steps=60        # a train_cb.py or eval.py setting: to each of them that has it
     python ablate.py --device=cuda --dtype=bfloat16   # settings both have go to both
     python ablate.py --rows=1,2            # only these rows; the others are read back from out/ablate/N/SEED
-    python ablate.py --rows="()"           # no row run: the table of what out/ablate/ holds
+    python ablate.py --rows="()"           # no row run: the table of what out/ablate/ holds for these seeds
     python ablate.py --data=data/val.jsonl # eval.py's --data: choose settings on val, report test
     python ablate.py --seeds=1337 --jobs=1 # one seed, one run at a time with every thread
 
@@ -57,7 +57,7 @@ exec(open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configurator
 if not all(type(i) is int and 0 <= i < len(ROWS) for i in rows):
     fail(f"--rows={','.join(map(str, rows))}: row numbers 0..{len(ROWS) - 1}, comma-separated")
 if not seeds or not all(type(s) is int and s >= 0 for s in seeds) or len(set(seeds)) < len(seeds):
-    fail(f"--seeds={','.join(map(str, seeds))}: one or more distinct seeds >= 0, comma-separated")
+    fail(f"--seeds={','.join(map(str, seeds)) or '()'}: one or more distinct seeds >= 0, comma-separated")
 if type(jobs) is not int or jobs < 1:
     fail(f"--jobs={jobs}: the number of runs at once, >= 1")
 if not out_root:
@@ -77,7 +77,9 @@ def run_dir(i, seed):
     return os.path.join(os.path.abspath(out_root), str(i), str(seed))  # the runs' cwd is this file's directory
 
 
-stop = threading.Event()  # set by the first failed run: the runs not started yet are skipped
+stop = threading.Event()  # set by the first failed run: the others are stopped, the runs not started skipped
+running = set()  # the subprocesses going now
+lock = threading.Lock()
 
 
 def run(i, seed):
@@ -85,19 +87,36 @@ def run(i, seed):
     if stop.is_set():
         return
     out_dir = run_dir(i, seed)
-    os.makedirs(out_dir, exist_ok=True)
-    for log, cmd in (("train.log", ["train_cb.py", "config/organism.py", *ROWS[i][1], *forward["train_cb.py"],
-                                    f"--seed={seed}", f"--out_dir={out_dir}"]),
-                     ("eval.log", ["eval.py", os.path.join(out_dir, "ckpt.pt"), "--representation=False",
-                                   *forward["eval.py"], f"--out={out_dir}/eval.json"])):
-        print("$", " ".join(cmd), flush=True)
-        with open(os.path.join(out_dir, log), "w") as f:
-            p = subprocess.run([sys.executable, *cmd], cwd=here, env=env, stdout=f, stderr=subprocess.STDOUT)
-        if p.returncode != 0:
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        if os.path.exists(os.path.join(out_dir, "eval.json")):  # an earlier run's report must not outlive a failure
+            os.remove(os.path.join(out_dir, "eval.json"))
+        for log, cmd in (("train.log", ["train_cb.py", "config/organism.py", *ROWS[i][1], *forward["train_cb.py"],
+                                        f"--seed={seed}", f"--out_dir={out_dir}"]),
+                         ("eval.log", ["eval.py", os.path.join(out_dir, "ckpt.pt"), "--representation=False",
+                                       *forward["eval.py"], f"--out={out_dir}/eval.json"])):
+            with lock:
+                if stop.is_set():
+                    return
+                print("$", " ".join(cmd), flush=True)
+                with open(os.path.join(out_dir, log), "w") as f:
+                    p = subprocess.Popen([sys.executable, *cmd], cwd=here, env=env, stdout=f, stderr=subprocess.STDOUT)
+                running.add(p)
+            p.wait()
+            with lock:
+                running.discard(p)
+                if p.returncode != 0 and stop.is_set():  # stopped by another run's failure
+                    return
+            if p.returncode != 0:
+                with open(os.path.join(out_dir, log)) as f:
+                    lines = f.read().strip().splitlines() or ["no output"]
+                raise RuntimeError(f"{' '.join(cmd)} failed: {lines[-1]} (the whole output: {out_dir}/{log})")
+    except BaseException:
+        with lock:
             stop.set()
-            with open(os.path.join(out_dir, log)) as f:
-                lines = f.read().strip().splitlines() or ["no output"]
-            raise RuntimeError(f"{' '.join(cmd)} failed: {lines[-1]} (the whole output: {out_dir}/{log})")
+            for q in running:
+                q.terminate()
+        raise
 
 
 with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -127,6 +146,10 @@ FIGURES = [("train_families", "asr", True), ("heldout_families", "asr", True),
            ("clean", "attacker_tool_benign_acc", False), ("clean", "degenerate_clean", False)]
 table = []
 for i, (name, overrides) in enumerate(ROWS):
+    older = os.path.join(os.path.abspath(out_root), str(i), "eval.json")
+    if os.path.isfile(older):
+        fail(f"{older}: a run of an older ablate.py, one seed a row; move it into {os.path.dirname(older)}/SEED/ "
+             f"(the seed it trained with, 1337 unless set) or rerun the row (--rows={i})")
     reports = []
     for seed in seeds:
         path = os.path.join(run_dir(i, seed), "eval.json")

@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,6 +28,9 @@ seed = int(os.path.basename(out))  # the run's directory is out_root/ROW/SEED
 if os.path.basename(__file__) == "train_cb.py":
     if seed == 13:
         sys.exit("boom: an unlucky seed")
+    if seed == 14:
+        import time
+        time.sleep(60)  # a long run, stopped when another fails
     open(os.path.join(out, "log.jsonl"), "w").write('{"cos_mean": 0.1, "val_cos": 0.2, "call_cos": 0.9}\\n')
 else:
     cb = json.loads(json.dumps(%r))
@@ -108,6 +112,33 @@ def test_a_failed_run_stops_with_one_line_naming_its_log_and_starts_no_other(tmp
     assert sorted(os.listdir(tmp_path / "runs")) == ["0"] and os.listdir(tmp_path / "runs" / "0") == ["13"]
 
 
+def test_a_failed_run_stops_the_runs_going_beside_it(tmp_path):
+    start = time.time()
+    rc, out, err = ablate(tmp_path, "--rows=0", "--seeds=14,13", "--jobs=2")
+    assert rc == 1 and "--seed=13 " in err and "boom" in err, err
+    assert time.time() - start < 30  # seed 14 trains for 60 s unless stopped
+    assert not (tmp_path / "runs" / "0" / "14" / "eval.py.argv").exists()
+
+
+def test_a_failed_rerun_leaves_no_earlier_report_behind(tmp_path):
+    assert ablate(tmp_path, "--rows=0", "--seeds=12")[0] == 0
+    os.rename(tmp_path / "runs" / "0" / "12", tmp_path / "runs" / "0" / "13")  # as if seed 13 had once gone through
+    assert ablate(tmp_path, "--rows=0", "--seeds=13")[0] == 1
+    assert not (tmp_path / "runs" / "0" / "13" / "eval.json").exists()
+    rc, out, err = ablate(tmp_path, "--rows=()", "--seeds=13")
+    assert rc == 0 and table(out) == []
+
+
+def test_a_run_of_the_older_one_seed_layout_is_one_line(tmp_path):
+    assert ablate(tmp_path, "--rows=2", "--seeds=1337")[0] == 0
+    os.rename(tmp_path / "runs" / "2" / "1337" / "eval.json", tmp_path / "runs" / "2" / "eval.json")
+    rc, out, err = ablate(tmp_path, "--rows=()")
+    older = tmp_path / "runs" / "2" / "eval.json"
+    assert rc == 1 and err == (f"ablate.py: {older}: a run of an older ablate.py, one seed a row; move it into "
+                               f"{older.parent}/SEED/ (the seed it trained with, 1337 unless set) or rerun the row "
+                               "(--rows=2)\n"), err
+
+
 def test_no_rows_runs_nothing_and_tabulates_what_is_there(tmp_path):
     assert ablate(tmp_path, "--rows=1", "--seeds=1")[0] == 0
     rc, out, err = ablate(tmp_path, "--rows=()", "--seeds=1", "--max_steps=5")
@@ -117,7 +148,7 @@ def test_no_rows_runs_nothing_and_tabulates_what_is_there(tmp_path):
 
 def test_bad_arguments_stop_with_one_line_before_any_run(tmp_path):
     cases = [("--rows=9", "ablate.py: --rows=9: row numbers 0..7, comma-separated"),
-             ("--seeds=()", "ablate.py: --seeds=: one or more distinct seeds >= 0, comma-separated"),
+             ("--seeds=()", "ablate.py: --seeds=(): one or more distinct seeds >= 0, comma-separated"),
              ("--seeds=1,1", "ablate.py: --seeds=1,1: one or more distinct seeds >= 0, comma-separated"),
              ("--jobs=0", "ablate.py: --jobs=0: the number of runs at once, >= 1"),
              ("--seed=3", "ablate.py: --seed=3: ablate.py sets it for each run; pass --seeds=S1,S2,..."),
