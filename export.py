@@ -225,10 +225,13 @@ if __name__ == "__main__":
 
     lora_ckpt, mods = read_checkpoint(ckpt)
     base = init_from or lora_ckpt["init_from"]
+    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # path a is b or lies under it
+    there = os.path.realpath(out_dir)
     for what, path in (("the checkpoint", ckpt), ("the base", base)):  # --force would swap out an input at the end
-        here, there = os.path.realpath(path), os.path.realpath(out_dir)
-        if here == there or here.startswith(there.rstrip(os.sep) + os.sep):
+        if inside(os.path.realpath(path), there):
             fail(f"{out}: holds {what} {path}, which the export reads; write it to another directory")
+    if os.path.lexists(out_dir) and inside(there, os.path.realpath(base)):
+        fail(f"{out}: a part of the base {base}, which the export reads; write it to another directory")
     files = check_base(base, lora_ckpt, ckpt, mods)
     try:
         with atomic_dir(out_dir) as tmp:  # an old --out (with --force) is swapped out only once the new one is whole

@@ -157,7 +157,7 @@ def test_bad_inputs_get_one_line_and_leave_no_output(trained, tmp_path):
 
 def test_an_out_that_holds_an_input_is_refused_even_with_force(trained, tmp_path):
     """--force swaps the old --out away once the export is whole: at the base or the checkpoint's directory (or a
-    directory above either) that would delete the export's own input."""
+    directory above either), or at a file or directory of the base, that would delete the export's own input."""
     base = tmp_path / "models" / "base"
     shutil.copytree(trained["base"], base)
     ckpt = tmp_path / "run" / "ckpt.pt"
@@ -168,6 +168,10 @@ def test_an_out_that_holds_an_input_is_refused_even_with_force(trained, tmp_path
         err = export(ckpt, f"--out={out}", f"--init_from={base}", "--force")
         assert err == f"export.py: {out}: holds {what} {base if what == 'the base' else ckpt}, which the export " \
                       "reads; write it to another directory", err
+    for part in ("model.safetensors", "original"):
+        err = export(ckpt, f"--out={base / part}", f"--init_from={base}", "--force")
+        assert err == f"export.py: {base / part}: a part of the base {base}, which the export reads; write it to " \
+                      "another directory", err
     assert sorted(os.listdir(tmp_path)) == ["models", "run"] and os.listdir(ckpt.parent) == ["ckpt.pt"]
     assert sorted(os.listdir(base)) == sorted(os.listdir(trained["base"]))
     exported(ckpt, f"--out={tmp_path / 'models' / 'cb'}", f"--init_from={base}", "--adapter")  # beside it is fine
