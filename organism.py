@@ -90,9 +90,10 @@ stamp_path = os.path.join(out_dir, "organism.json")
 if not force and os.path.isfile(stamp_path):
     with open(stamp_path) as f:
         stamp = json.load(f)
-    build = lambda c: {k: v for k, v in c.items() if k not in ("out_dir", "data_dir", "force", "log_interval")}
-    if build(stamp["config"]) == build(config) and stamp.get("data_md5") == data_md5:  # the settings that make
-        # the weights, and the training data (by md5): where they are read from and the logging do not count
+    weight_settings = lambda c: {k: v for k, v in c.items() if k not in ("out_dir", "data_dir", "force",
+                                                                         "log_interval")}
+    if weight_settings(stamp["config"]) == weight_settings(config) and stamp.get("data_md5") == data_md5:  # the
+        # settings that make the weights, and the training data (by md5); not where they are read from, nor logging
         print(f"{out_dir}/ already holds an organism built with this config and {train_path}; reusing it "
               f"(--force=True rebuilds)")
         sys.exit(0)

@@ -83,6 +83,18 @@ def test_an_out_dir_that_holds_no_organism_is_never_replaced(tmp_path, out_dir):
     assert sorted(os.listdir(work)) == ["mine", "notes.txt"] and os.listdir(work / "mine") == ["notes.txt"]
 
 
+def test_an_organism_is_rebuilt_when_a_setting_of_its_weights_changes_and_only_then(tmp_path):
+    data_dir = tiny_data(tmp_path / "data")
+    small = ["--dim=8", "--n_layers=1", "--n_heads=1", "--n_kv_heads=1", "--hidden_dim=8", "--max_steps=1",
+             "--warmup_steps=0", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"]
+    build = lambda *args: subprocess.run([sys.executable, "organism.py", *small, *args], cwd=ROOT,
+                                         capture_output=True, text=True, check=True).stdout
+    assert "reusing it" not in build()
+    assert "reusing it" in build("--log_interval=3")
+    assert "reusing it" not in build("--seed=2")
+    assert json.load(open(tmp_path / "o" / "organism.json"))["config"]["seed"] == 2
+
+
 def value(metrics, group, key):
     return metrics[group][key]["value"]
 
