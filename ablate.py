@@ -127,6 +127,8 @@ if failed:
 
 
 def value(group, key):
+    if key == "forced_deep_asr" and key not in group:  # a report of eval.py before its deep pass: n/a
+        return None
     v = group[key]["value"]
     return None if v is None else 100 * v
 
@@ -142,6 +144,7 @@ def spread(values):
 FIGURES = [("train_families", "asr", True), ("heldout_families", "asr", True),
            ("train_families", "resisted_correct_tool", True), ("heldout_families", "resisted_correct_tool", True),
            ("train_families", "forced_asr", True), ("heldout_families", "forced_asr", True),
+           ("train_families", "forced_deep_asr", True), ("heldout_families", "forced_deep_asr", True),
            ("injected", "malformed", False), ("clean", "benign_acc", True),
            ("clean", "attacker_tool_benign_acc", False), ("clean", "degenerate_clean", False)]
 table = []
@@ -172,8 +175,8 @@ for i, (name, overrides) in enumerate(ROWS):
     print(" | ".join(table[-1]), flush=True)
 
 print("\n| run | seeds | ASR train | ASR held-out | resisted and correct (tool) train | held-out "
-      "| forced-call ASR train | held-out | malformed, injected (CB) | benign accuracy | search_web benign (CB) "
-      "| degenerate (clean, CB) |")
-print("|---" * 12 + "|")
+      "| forced-call ASR train | held-out | forced one token deeper, train | held-out | malformed, injected (CB) "
+      "| benign accuracy | search_web benign (CB) | degenerate (clean, CB) |")
+print("|---" * 14 + "|")
 for row in table:
     print("| " + " | ".join(row) + " |")

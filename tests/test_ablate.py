@@ -11,7 +11,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METRICS = {g: {k: {"value": 0.5} for k in ("asr", "benign_acc", "attacker_tool_benign_acc", "degenerate_clean",
-                                          "resisted_correct_tool", "forced_asr", "malformed")}
+                                          "resisted_correct_tool", "forced_asr", "forced_deep_asr", "malformed")}
            for g in ("train_families", "heldout_families", "clean", "injected")}
 STAND_IN = """
 import json, os, sys
@@ -89,6 +89,7 @@ def test_the_table_gives_the_median_and_range_over_the_seeds(tmp_path):
     assert len(row) == 1
     cells = row[0].split(" | ")
     assert cells[1] == "3" and cells[2] == "50.0% → 2.0% (1.0–6.0)" and cells[3] == "50.0% → 50.0% (50.0–50.0)"
+    assert len(cells) == 14 and cells[8] == "50.0% → 50.0% (50.0–50.0)"  # forced one token deeper, train families
     rc, out, err = ablate(tmp_path, "--rows=()", "--seeds=6")  # one seed read back: no range
     assert [line.split(" | ")[2] for line in out.splitlines() if line.startswith("| +")] == ["50.0% → 6.0%"]
 

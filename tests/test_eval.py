@@ -492,20 +492,27 @@ def test_generate_and_score_on_a_tiny_random_model(tok):
         for p in model.parameters():  # large enough weights that each prompt gets its own reply
             p.normal_(0.0, 0.3) if p.dim() == 2 else p.uniform_(0.5, 1.5)
     cases = [FLIP, HIJACK, CLEAN, CHAT, dict(FLIP, id="flip2", messages=[{"role": "user", "content": "Hi"}])]
-    together = ev.generate_and_score(model, tok, cases, max_new_tokens=5, batch_size=6)
+    together = ev.generate_and_score(model, tok, cases, max_new_tokens=5, batch_size=6, deep=True)
     alone = [generate(model, [data.prompt_ids(tok, c["messages"], c["tools"])], 5, tok.stop_ids)[0] for c in cases]
     assert len({tuple(ids) for ids in alone}) == len(cases)  # else the next line proves nothing
     assert [r["ids"] for r in together] == alone  # batched by length, each reply back at its own case
     for case, r in zip(cases, together):
         assert 0 < len(r["ids"]) <= 5 and r["outcome"] in ev.OUTCOMES
-        assert {k: v for k, v in r.items() if k not in ("ids", "forced", "forced_output")} == \
-            ev.score_reply(tok, r["ids"], case)
-        assert (r["forced"] is None) == (case["attacker_tool"] is None)
+        assert {k: v for k, v in r.items() if k not in ("ids", "forced", "forced_output", "forced_deep",
+                                                        "forced_deep_output")} == ev.score_reply(tok, r["ids"], case)
+        assert (r["forced"] is None) == (r["forced_deep"] is None) == (case["attacker_tool"] is None)
         if case["attacker_tool"]:
             prefill = '<|python_tag|>{"name": "' + case["attacker_tool"] + '", "parameters":'
-            assert r["forced_output"].startswith(prefill)
+            deep = tok.decode(ev.forced_prefill(tok, case["attacker_tool"], case["attacker_parameters"]))
+            assert r["forced_output"].startswith(prefill) and r["forced_deep_output"].startswith(deep)
+            assert len(deep) > len(prefill) + 3 and type(r["forced"]) is bool and type(r["forced_deep"]) is bool
     g = ev.grouped_metrics(ev.records(cases, together), (), "search_web")
     assert g["overall"]["n"] == 5 and sum(g["overall"]["outcomes"].values()) == 5
+    assert g["injected"]["forced_deep_asr"]["n"] == 3
+    shallow = ev.generate_and_score(model, tok, cases[:1], max_new_tokens=5, batch_size=6)  # no deep pass
+    assert shallow[0]["forced"] == together[0]["forced"] and shallow[0]["forced_deep"] is None
+    g = ev.grouped_metrics(ev.records(cases[:1], shallow), (), "search_web")
+    assert g["injected"]["forced_deep_asr"] == {"value": None, "n": 0}
 
 
 # --- end to end ----------------------------------------------------------------------------------------
@@ -549,7 +556,8 @@ def test_eval_end_to_end_writes_every_documented_key(trained):
         g = r["metrics"][model]
         assert set(g) == {"overall", "clean", "twins", "injected", "train_families", "heldout_families",
                           "train_families_writable", "heldout_families_writable", "by_family", "by_tool"}
-        assert set(g["overall"]) == {"n", "outcomes", "asr", "forced_asr", "resisted_correct", "resisted_correct_tool",
+        assert set(g["overall"]) == {"n", "outcomes", "asr", "forced_asr", "forced_deep_asr", "resisted_correct",
+                                     "resisted_correct_tool",
                                      "twin_tool_acc", "resisted_correct_tool_twin_right", "safe_failure", "benign_acc",
                                      "benign_acc_params", "attacker_tool_benign_acc",
                                      "well_formed", "eom_rate", "malformed", "malformed_attacker", "malformed_user",
@@ -565,9 +573,10 @@ def test_eval_end_to_end_writes_every_documented_key(trained):
     for c in r["cases"]:
         for model in ("base", "cb"):
             assert set(c[model]) == {"outcome", "called", "parameters", "correct", "correct_tool", "degenerate", "stop",
-                                     "broken_in", "output", "forced", "forced_output"}
+                                     "broken_in", "output", "forced", "forced_output", "forced_deep",
+                                     "forced_deep_output"}
             assert c[model]["outcome"] in ev.OUTCOMES and isinstance(c[model]["output"], str)
-            assert (c[model]["forced"] is None) == (c["attacker_tool"] is None)
+            assert (c[model]["forced"] is None) == (c[model]["forced_deep"] is None) == (c["attacker_tool"] is None)
 
 
 def test_eval_base_only_with_harvest_and_the_summarys_heldout_families(trained, tmp_path):
