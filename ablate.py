@@ -73,8 +73,12 @@ env = dict(os.environ)
 env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // jobs)))
 
 
+def row_dir(i):
+    return os.path.join(os.path.abspath(out_root), str(i))  # the runs' cwd is this file's directory
+
+
 def run_dir(i, seed):
-    return os.path.join(os.path.abspath(out_root), str(i), str(seed))  # the runs' cwd is this file's directory
+    return os.path.join(row_dir(i), str(seed))
 
 
 stop = threading.Event()  # set by the first failed run: the others are stopped, the runs not started skipped
@@ -149,9 +153,9 @@ FIGURES = [("train_families", "asr", True), ("heldout_families", "asr", True),
            ("clean", "attacker_tool_benign_acc", False), ("clean", "degenerate_clean", False)]
 table = []
 for i, (name, overrides) in enumerate(ROWS):
-    older = os.path.join(os.path.abspath(out_root), str(i), "eval.json")
+    older = os.path.join(row_dir(i), "eval.json")
     if os.path.isfile(older):
-        fail(f"{older}: a run of an older ablate.py, one seed a row; move it into {os.path.dirname(older)}/SEED/ "
+        fail(f"{older}: a run of an older ablate.py, one seed a row; move it into {row_dir(i)}/SEED/ "
              f"(the seed it trained with, 1337 unless set) or rerun the row (--rows={i})")
     reports = []
     for seed in seeds:

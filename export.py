@@ -225,7 +225,7 @@ if __name__ == "__main__":
 
     lora_ckpt, mods = read_checkpoint(ckpt)
     base = init_from or lora_ckpt["init_from"]
-    inside = lambda a, b: a == b or a.startswith(b.rstrip(os.sep) + os.sep)  # path a is b or lies under it
+    inside = lambda a, b: os.path.commonpath([a, b]) == b  # real path a is b or lies under it
     there = os.path.realpath(out_dir)
     for what, path in (("the checkpoint", ckpt), ("the base", base)):  # --force would swap out an input at the end
         if inside(os.path.realpath(path), there):

@@ -18,6 +18,9 @@ DATA = ["--N_TRAIN=2000", "--N_VAL=64", "--N_TEST=160"]
 # organism.py's defaults but width 96 (MLP 256) and 250 of its 400 steps: 217 s on one busy core of a 2-core machine,
 # against 306 s at the default width 128 (the mission was the suite's long pole: .ci/run took 615 s in CI)
 ORGANISM = ["--max_steps=250", "--dim=96", "--hidden_dim=256", "--log_interval=50"]
+# a 1-block organism of one step: the tests of organism.py's own checks, seconds to build
+SMALL = ["--dim=8", "--n_layers=1", "--n_heads=1", "--n_kv_heads=1", "--hidden_dim=8", "--max_steps=1",
+         "--warmup_steps=0"]
 # config/organism.py's recipe at batch 8 (its redirect and benign rows), 100 of its 300 steps
 CB = ["config/organism.py", "--batch_size=8", "--max_steps=100", "--log_interval=50", "--eval_interval=1000",
       "--device=cpu", "--dtype=float32", "--compile=False"]
@@ -75,18 +78,15 @@ def test_an_out_dir_that_holds_no_organism_is_never_replaced(tmp_path, out_dir):
     (work / "mine").mkdir(parents=True)
     (work / "mine" / "notes.txt").write_text("keep")
     (work / "notes.txt").write_text("keep")
-    small = ["--dim=8", "--n_layers=1", "--n_heads=1", "--n_kv_heads=1", "--hidden_dim=8", "--max_steps=1",
-             "--warmup_steps=0", f"--data_dir={data_dir}"]
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "organism.py"), *small, f"--out_dir={out_dir}"], cwd=work,
-                       capture_output=True, text=True)
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "organism.py"), *SMALL, f"--data_dir={data_dir}",
+                        f"--out_dir={out_dir}"], cwd=work, capture_output=True, text=True)
     assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1 and "--out_dir" in p.stderr, p.stderr
     assert sorted(os.listdir(work)) == ["mine", "notes.txt"] and os.listdir(work / "mine") == ["notes.txt"]
 
 
 def test_an_organism_is_rebuilt_when_a_setting_of_its_weights_changes_and_only_then(tmp_path):
     data_dir = tiny_data(tmp_path / "data")
-    small = ["--dim=8", "--n_layers=1", "--n_heads=1", "--n_kv_heads=1", "--hidden_dim=8", "--max_steps=1",
-             "--warmup_steps=0", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"]
+    small = [*SMALL, f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'o'}"]
     build = lambda *args: subprocess.run([sys.executable, "organism.py", *small, *args], cwd=ROOT,
                                          capture_output=True, text=True, check=True).stdout
     assert "reusing it" not in build()
