@@ -229,7 +229,8 @@ if __name__ == "__main__":
     there = os.path.realpath(out_dir)
     for what, path in (("the checkpoint", ckpt), ("the base", base)):  # --force would swap out an input at the end
         if inside(os.path.realpath(path), there):
-            fail(f"{out}: holds {what} {path}, which the export reads; write it to another directory")
+            verb = "is" if os.path.realpath(path) == there else "holds"  # a link to the base is the base
+            fail(f"{out}: {verb} {what} {path}, which the export reads; write it to another directory")
     if os.path.lexists(out_dir) and inside(there, os.path.realpath(base)):
         fail(f"{out}: a part of the base {base}, which the export reads; write it to another directory")
     files = check_base(base, lora_ckpt, ckpt, mods)

@@ -163,11 +163,15 @@ def test_an_out_that_holds_an_input_is_refused_even_with_force(trained, tmp_path
     ckpt = tmp_path / "run" / "ckpt.pt"
     ckpt.parent.mkdir()
     shutil.copy(trained["ckpt"], ckpt)
-    for out, what in ((base, "the base"), (tmp_path / "models", "the base"), (ckpt.parent, "the checkpoint"),
-                      (tmp_path, "the checkpoint")):
+    link = tmp_path / "link"
+    link.symlink_to(base, target_is_directory=True)
+    for out, verb, what in ((base, "is", "the base"), (link, "is", "the base"), (tmp_path / "models", "holds", "the base"),
+                            (ckpt.parent, "holds", "the checkpoint"), (ckpt, "is", "the checkpoint"),
+                            (tmp_path, "holds", "the checkpoint")):
         err = export(ckpt, f"--out={out}", f"--init_from={base}", "--force")
-        assert err == f"export.py: {out}: holds {what} {base if what == 'the base' else ckpt}, which the export " \
+        assert err == f"export.py: {out}: {verb} {what} {base if what == 'the base' else ckpt}, which the export " \
                       "reads; write it to another directory", err
+    link.unlink()
     for part in ("model.safetensors", "original"):
         err = export(ckpt, f"--out={base / part}", f"--init_from={base}", "--force")
         assert err == f"export.py: {base / part}: a part of the base {base}, which the export reads; write it to " \
