@@ -745,6 +745,7 @@ def collate(examples, pad_id, multiple=1):
         'target_mask': torch.tensor([pad(e['target_mask'], 0) for e in examples], dtype=torch.bool),
         'labels': torch.tensor([pad(e.get('labels', e['ids']), pad_id) for e in examples], dtype=torch.long),
         'weight': torch.tensor([float(e.get('weight', 1.0)) for e in examples]),
+        'raise_only': torch.tensor([bool(e.get('raise_only', False)) for e in examples], dtype=torch.bool),
     }
 
 

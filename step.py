@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import losses
 from chat import collate
 from lora import adapters_off
-from model import class_cross_entropy, class_logits
+from model import class_cross_entropy, class_logits, raise_target
 
 
 # On a GPU every length a batch has never had before costs the step a first time in its kernels (an 8B step on an
@@ -104,16 +104,19 @@ def completion_ce(model, h, b):
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
     h, labels = h[:, :-1][emit], b["labels"][:, 1:][emit]
     w = b["weight"][:, None].expand_as(emit)[emit]  # (n_targets,) each term's row weight (collate's, 1 by default)
+    r = b["raise_only"][:, None].expand_as(emit)[emit] if "raise_only" in b else None  # (n_targets,) trip_raise
     like = labels >= 0
+    r_like = None if r is None else r[like]
     if model.head is not None:
-        ce = class_cross_entropy(model.head, h[like], labels[like], w[like])
+        ce = class_cross_entropy(model.head, h[like], labels[like], w[like], r_like)
         logits = class_logits(model.head, h[~like])  # (n_unlikely, U): a class per distinct row
         log_p = logits.gather(-1, model.head[2][-labels[~like] - 1][:, None])[:, 0] \
             - torch.logsumexp(logits + model.head[1].to(logits.dtype), -1)
     else:
         logits = model.lm_head(h)  # (n_targets, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-        ce = (F.cross_entropy(logits[like], labels[like], reduction="none") * w[like]).sum()
+        ce = (F.cross_entropy(raise_target(logits[like], labels[like], r_like), labels[like], reduction="none")
+              * w[like]).sum()
         log_p = logits[~like].log_softmax(-1).gather(-1, (-labels[~like] - 1)[:, None])[:, 0]
     return ce - (torch.log(-torch.expm1(log_p.clamp(max=-1e-6))) * w[~like]).sum()  # log(1 - p), stable as p -> 0
 

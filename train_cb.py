@@ -111,6 +111,8 @@ trip_mismatch_tools = "offered"  # which tools those rows force: 'offered' (any 
                                  # rows already end: search_web on the organism's data)
 trip_weight = 1.0  # what each trip row (trip, trip_mismatch) counts in the redirect cross-entropy, against 1 for
                    # every other row, its contrasts included: a trip gentler than one row a step can still have them
+trip_raise = False  # True: a trip row's <|eot_id|> targets raise that logit alone (the other logits detached), so the
+                    # trip adds an exit without pushing down the tokens the call would write (the user's values)
 # LoRA
 lora_r = 16
 lora_alpha = 16
@@ -383,6 +385,9 @@ try:
     if trip_weight != 1.0:  # the rows that learn <|eot_id|>; their contrasts count 1
         for e in (trips if trip else []) + mismatches:
             e["weight"] = trip_weight
+    if trip_raise:
+        for e in (trips if trip else []) + mismatches:
+            e["raise_only"] = True
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
              f"(has {len(harmful)} harmful, {len(retain)} others"

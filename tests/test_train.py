@@ -802,12 +802,7 @@ def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
     # with the lm_head whole and grouped by distinct rows (float64)
     import step
     from chat import collate
-    from model import Llama, LlamaConfig
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
-                              max_seq_len=64)).double()
-    with torch.no_grad():
-        model.lm_head.weight[40:] = 0  # 24 equal rows, for the grouped head
+    model = _tiny_head_model()  # 24 equal rows, for the grouped head
     ids = [3, 9, 17, 4, 22, 31, 7, 12]
     on = [0, 0, 0, 1, 1, 1, 1, 1]
     labels = [i if k < 5 else -(45 + 1) if k == 5 else -(5 + 1) for k, i in enumerate(ids)]  # 45: a zero row
@@ -820,6 +815,17 @@ def test_a_negative_label_is_the_unlikelihood_of_that_token(data_dir):
         grouped = step.completion_ce(model, step.hidden_states(model, model, b["ids"], False)[-1], b)
     assert model.head is not None
     assert torch.allclose(whole, want, rtol=1e-10, atol=0) and torch.allclose(grouped, want, rtol=1e-10, atol=0)
+
+
+def _tiny_head_model():
+    # a tiny float64 Llama whose lm_head rows 40.. are equal (zero), for the lm_head grouped by distinct rows
+    from model import Llama, LlamaConfig
+    torch.manual_seed(0)
+    model = Llama(LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
+                              max_seq_len=64)).double()
+    with torch.no_grad():
+        model.lm_head.weight[40:] = 0
+    return model
 
 
 def _weighted_rows():
@@ -835,12 +841,7 @@ def test_a_rows_weight_multiplies_its_terms_of_the_cross_entropy():
     # lm_head whole and grouped by distinct rows (float64)
     import step
     from chat import collate
-    from model import Llama, LlamaConfig
-    torch.manual_seed(0)
-    model = Llama(LlamaConfig(vocab_size=64, dim=16, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=32,
-                              max_seq_len=64)).double()
-    with torch.no_grad():
-        model.lm_head.weight[40:] = 0  # equal rows, for the grouped head
+    model = _tiny_head_model()
     a, b = _weighted_rows()
     ce = lambda rows: step.completion_ce(model, step.hidden_states(model, model, collate(rows, 0)["ids"], False)[-1],
                                          collate(rows, 0))
@@ -875,23 +876,59 @@ def test_a_row_of_weight_two_trains_as_the_row_twice():
     assert abs(l1 - l2) <= 1e-12 * abs(l2) and torch.allclose(w1, w2, rtol=1e-10, atol=1e-14)
 
 
-def test_trip_weight_weighs_the_trip_rows_and_not_their_contrasts(base, data_dir, tmp_path, monkeypatch):
+def test_a_raise_only_row_raises_its_target_logit_alone():
+    # completion_ce: a row with "raise_only" (train_cb's trip_raise) has the same loss, but its gradient reaches the
+    # final state through the target's logit alone, (p_t - 1) W_t, not sum_k p_k W_k - W_t; rows without it are
+    # untouched; with the lm_head whole and grouped by distinct rows (float64)
+    import step
+    from chat import collate
+    model = _tiny_head_model()
+    a, b = _weighted_rows()
+    b = dict(b, labels=[5, 8, 41, 2, 11, 6, 30])  # every target a cross-entropy term
+    W = model.lm_head.weight.detach()
+    for grouped in (False, True):
+        if grouped:
+            model.group_head_rows()
+        got = []
+        for flag in (False, True):
+            batch = collate([a, dict(b, raise_only=flag)], 0)
+            h = step.hidden_states(model, model, batch["ids"], False)[-1].detach().requires_grad_()
+            loss = step.completion_ce(model, h, batch)
+            loss.backward()
+            got.append((loss.detach(), h.grad))
+        (plain, g_plain), (raised, g_raised) = got
+        assert torch.allclose(plain, raised, rtol=1e-12, atol=0)
+        assert torch.allclose(g_plain[0], g_raised[0], rtol=1e-10, atol=1e-14)  # the other row: as before
+        p = torch.softmax(h[1].detach() @ W.t(), -1)  # (T, V) row b's next-token probabilities
+        for t in range(2, 6):  # the states that emit b's targets 3..6
+            target = b["ids"][t + 1]
+            want_raised = (p[t, target] - 1) * W[target]
+            want_plain = p[t] @ W - W[target]
+            assert torch.allclose(g_raised[1, t], want_raised, rtol=1e-9, atol=1e-12)
+            assert torch.allclose(g_plain[1, t], want_plain, rtol=1e-9, atol=1e-12)
+            assert not torch.allclose(want_raised, want_plain, rtol=1e-3)
+    assert model.head is not None
+
+
+def test_trip_weight_and_raise_mark_the_trip_rows_and_not_their_contrasts(base, data_dir, tmp_path, monkeypatch):
     # through train_cb.py, in this process: every row of a step's redirect batch that learns <|eot_id|> inside a
-    # forced call (injected trip rows and those without an injection) carries the weight, and no other row does
+    # forced call (injected trip rows and those without an injection) carries the weight and raise_only, and no
+    # other row does
     import step
     seen, real = [], step.train_step
     monkeypatch.setattr(step, "train_step", lambda *a, **k: seen.append(a[4]["redirect"]) or real(*a, **k))
     monkeypatch.setattr(sys, "argv", train_cmd(base, data_dir, tmp_path, "--max_steps=2", "--trip_depth=all",
                                                "--trip_batch_size=2", "--trip_mismatch=1", "--trip_weight=0.25",
-                                               "--batch_size=8"))
+                                               "--trip_raise=True", "--batch_size=8"))
     runpy.run_path(os.path.join(ROOT, "train_cb.py"), run_name="__main__")
     eot = data.load_tokenizer().eot_id
     for rows in seen:  # 8 redirect rows, 2 trip rows beside 2 contrasts each, 1 mismatch trip beside 2
         assert len(rows) == 8 + 2 * 3 + 3
         trips = [e for e in rows if eot in [l for l, m in zip(e.get("labels", []), e["target_mask"]) if m]]
-        assert len(trips) == 3 and all(e.get("weight") == 0.25 for e in trips)
-        assert sum("weight" in e for e in rows) == 3
-    assert len(seen) == 2 and torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]["trip_weight"] == 0.25
+        assert len(trips) == 3 and all(e.get("weight") == 0.25 and e.get("raise_only") for e in trips)
+        assert sum("weight" in e for e in rows) == 3 and sum("raise_only" in e for e in rows) == 3
+    config = torch.load(tmp_path / "ckpt.pt", weights_only=True)["config"]
+    assert len(seen) == 2 and config["trip_weight"] == 0.25 and config["trip_raise"] is True
 
 
 def test_the_no_eot_twin_contrast_only_keeps_the_turn_open(data_dir):
