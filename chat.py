@@ -734,19 +734,22 @@ def collate(examples, pad_id, multiple=1):
     cb_mask (B,T) float, target_mask (B,T) bool, labels (B,T) long: the ids the target positions are trained
     towards, the example's "labels" where it has them (trip rows at every depth), else its ids; weight (B,)
     float: what each of the example's target tokens counts in the cross-entropy, its "weight" (train_cb's
-    trip_weight on trip rows), else 1."""
+    trip_weight on trip rows), else 1; raise_only (B,) bool, only where an example has "raise_only" (train_cb's
+    trip_raise): its cross-entropy terms raise their target's logit alone."""
     import torch
     T = -(-max(len(e['ids']) for e in examples) // multiple) * multiple
     pad = lambda xs, v: list(xs) + [v] * (T - len(xs))
-    return {
+    b = {
         'ids': torch.tensor([pad(e['ids'], pad_id) for e in examples], dtype=torch.long),
         'attn': torch.tensor([pad([1] * len(e['ids']), 0) for e in examples], dtype=torch.bool),
         'cb_mask': torch.tensor([pad(e['cb_mask'], 0) for e in examples], dtype=torch.float),
         'target_mask': torch.tensor([pad(e['target_mask'], 0) for e in examples], dtype=torch.bool),
         'labels': torch.tensor([pad(e.get('labels', e['ids']), pad_id) for e in examples], dtype=torch.long),
         'weight': torch.tensor([float(e.get('weight', 1.0)) for e in examples]),
-        'raise_only': torch.tensor([bool(e.get('raise_only', False)) for e in examples], dtype=torch.bool),
     }
+    if any(e.get('raise_only') for e in examples):  # only then: the loss takes its cheaper path without it
+        b['raise_only'] = torch.tensor([bool(e.get('raise_only')) for e in examples], dtype=torch.bool)
+    return b
 
 
 def mask_report(examples, kinds, cb_mask, python_tag_id=None):

@@ -487,21 +487,23 @@ def class_logits(head, h):
 def class_cross_entropy(head, h, targets, weight=None, raise_only=None):
     """Summed full-vocabulary cross-entropy of the token ids targets (N,) from states h (N, dim): the log of the
     sum over classes of count x exp(logit), less the target's class logit; each term x weight (N,) where given.
-    raise_only (N,) bool: those terms' gradient reaches their target's logit alone (raise_target)."""
-    logits = raise_target(class_logits(head, h), head[2][targets], raise_only)
+    raise_only (N,) bool: those terms raise their target's logit alone (target_only)."""
+    logits = class_logits(head, h)
     total = torch.logsumexp(logits + head[1].to(logits.dtype), -1)
-    ce = total - logits.gather(-1, head[2][targets][:, None])[:, 0]
+    ce = target_only(total, logits.gather(-1, head[2][targets][:, None])[:, 0], raise_only)
     return (ce if weight is None else ce * weight).sum()
 
 
-def raise_target(logits, target, raise_only=None):
-    """logits (N, C) whose entries other than each row's target (N,) are detached in the rows raise_only (N,)
-    marks: the same values, so the same loss, but a cross-entropy's gradient there only raises the target's
-    logit instead of also pushing down the others in proportion to their probability."""
-    if raise_only is None or not raise_only.any():
-        return logits
-    other = torch.ones_like(logits, dtype=torch.bool).scatter_(-1, target[:, None], False) & raise_only[:, None]
-    return torch.where(other, logits.detach(), logits)
+def target_only(lse, target_logit, raise_only=None):
+    """Cross-entropy terms lse - target_logit (N,), those that raise_only (N,) marks with the same value but a
+    gradient that reaches the target's logit alone, (p - 1), and no other logit: it raises the target instead of
+    also pushing down every other token in proportion to its probability (train_cb's trip_raise). Per-term
+    scalars only, no (N, vocab) mask."""
+    ce = lse - target_logit
+    if raise_only is None:
+        return ce
+    p = (target_logit - lse).exp().detach()
+    return torch.where(raise_only, lse.detach() - target_logit + p * (target_logit - target_logit.detach()), ce)
 
 
 def class_argmax(head, logits):

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import losses
 from chat import collate
 from lora import adapters_off
-from model import class_cross_entropy, class_logits, raise_target
+from model import class_cross_entropy, class_logits, target_only
 
 
 # On a GPU every length a batch has never had before costs the step a first time in its kernels (an 8B step on an
@@ -100,7 +100,8 @@ def completion_ce(model, h, b):
     trip rows at every depth) from the last hidden states h (B, T, D), after the final norm: only the target
     positions go through the lm_head, by its distinct rows where they are grouped (model.head). A label -(x + 1)
     asks for anything but token x there (the trip's clean-twin contrast with trip_twin_target='no_eot'): its term
-    is the unlikelihood -log(1 - p(x)). Each term counts its row's b["weight"] times (train_cb's trip_weight)."""
+    is the unlikelihood -log(1 - p(x)). Each term counts its row's b["weight"] times (train_cb's trip_weight); a
+    row b["raise_only"] marks (train_cb's trip_raise) raises its targets' logits alone (model.target_only)."""
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
     h, labels = h[:, :-1][emit], b["labels"][:, 1:][emit]
     w = b["weight"][:, None].expand_as(emit)[emit]  # (n_targets,) each term's row weight (collate's, 1 by default)
@@ -115,8 +116,12 @@ def completion_ce(model, h, b):
     else:
         logits = model.lm_head(h)  # (n_targets, vocab)
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16 logits: the softmax in float32
-        ce = (F.cross_entropy(raise_target(logits[like], labels[like], r_like), labels[like], reduction="none")
-              * w[like]).sum()
+        if r_like is None:
+            ce = (F.cross_entropy(logits[like], labels[like], reduction="none") * w[like]).sum()
+        else:
+            z = logits[like]
+            ce = (target_only(torch.logsumexp(z, -1), z.gather(-1, labels[like][:, None])[:, 0], r_like)
+                  * w[like]).sum()
         log_p = logits[~like].log_softmax(-1).gather(-1, (-labels[~like] - 1)[:, None])[:, 0]
     return ce - (torch.log(-torch.expm1(log_p.clamp(max=-1e-6))) * w[~like]).sum()  # log(1 - p), stable as p -> 0
 

@@ -111,7 +111,7 @@ trip_mismatch_tools = "offered"  # which tools those rows force: 'offered' (any 
                                  # rows already end: search_web on the organism's data)
 trip_weight = 1.0  # what each trip row (trip, trip_mismatch) counts in the redirect cross-entropy, against 1 for
                    # every other row, its contrasts included: a trip gentler than one row a step can still have them
-trip_raise = False  # True: a trip row's <|eot_id|> targets raise that logit alone (the other logits detached), so the
+trip_raise = False  # True: a trip row's <|eot_id|> targets raise that logit alone (model.target_only), so the
                     # trip adds an exit without pushing down the tokens the call would write (the user's values)
 # LoRA
 lora_r = 16
