@@ -218,6 +218,8 @@ if not 0 < trip_weight < float("inf"):
     fail(f"trip_weight must be > 0 (trip=False and trip_mismatch=0 turn the trip rows off), got {trip_weight!r}")
 if trip_weight != 1.0 and not (trip or trip_mismatch):
     fail("trip_weight weighs the trip rows: it needs trip=True or trip_mismatch > 0")
+if trip_raise and not (trip or trip_mismatch):
+    fail("trip_raise changes the trip rows' cross-entropy: it needs trip=True or trip_mismatch > 0")
 if not 0 < trip_share <= 1:
     fail(f"trip_share must be in (0, 1] (trip=False turns the trip rows off), got {trip_share}")
 if type(eval_interval) is not int or eval_interval < 0:

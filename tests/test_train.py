@@ -384,6 +384,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
     (lambda b, d, t: ("--trip_share=1e-9",), "trip=True found no sample to trip on"),
     (lambda b, d, t: ("--trip_weight=0",), "trip_weight must be > 0"),
     (lambda b, d, t: ("--trip_weight=0.5", "--trip=False"), "trip_weight weighs the trip rows: it needs trip=True"),
+    (lambda b, d, t: ("--trip_raise=True", "--trip=False"), "trip_raise changes the trip rows' cross-entropy: it needs"),
 ], ids=["layers_beyond_model", "layers_empty", "negative_alpha", "negative_eval_interval", "unknown_key",
         "no_tokenizer",
         "empty_mask", "non_finite_loss", "bad_dtype", "zero_retain_len", "zero_pad_multiple", "warmup_beyond_run",
@@ -396,7 +397,7 @@ def train_file_with_text_completion(data_dir, tmp_path):
         "same_contrast_without_trip_batch", "concur_contrast_without_trip_batch", "unknown_twin_target",
         "negative_trip_mismatch", "unknown_trip_mismatch_depth", "indivisible_trip_mismatch",
         "unknown_trip_mismatch_tools", "zero_decay_multiplier", "zero_promised_flops", "missing_val_file",
-        "no_trip_rows", "zero_trip_weight", "trip_weight_without_trip"])
+        "no_trip_rows", "zero_trip_weight", "trip_weight_without_trip", "trip_raise_without_trip"])
 def test_bad_input_stops_with_one_line(base, data_dir, tmp_path, make_args, words):
     p = run_train(base, data_dir, tmp_path / "out", *make_args(base, data_dir, tmp_path), check=False)
     lines = p.stderr.strip().splitlines()
