@@ -105,9 +105,8 @@ def completion_ce(model, h, b):
     emit = b["target_mask"][:, 1:]  # the state at t emits token t+1
     h, labels = h[:, :-1][emit], b["labels"][:, 1:][emit]
     w = b["weight"][:, None].expand_as(emit)[emit]  # (n_targets,) each term's row weight (collate's, 1 by default)
-    r = b["raise_only"][:, None].expand_as(emit)[emit] if "raise_only" in b else None  # (n_targets,) trip_raise
     like = labels >= 0
-    r_like = None if r is None else r[like]
+    r_like = b["raise_only"][:, None].expand_as(emit)[emit][like] if "raise_only" in b else None  # trip_raise
     if model.head is not None:
         ce = class_cross_entropy(model.head, h[like], labels[like], w[like], r_like)
         logits = class_logits(model.head, h[~like])  # (n_unlikely, U): a class per distinct row

@@ -384,11 +384,10 @@ try:
             redirect += trips
     spare = (pushed,) if trip_mismatch_tools == "unpushed" else ()
     mismatches = data.mismatch_trips(tok, samples, seed, cb_mask, trip_mismatch_depth, spare) if trip_mismatch else []
-    if trip_weight != 1.0:  # the rows that learn <|eot_id|>; their contrasts count 1
-        for e in (trips if trip else []) + mismatches:
+    for e in (trips if trip else []) + mismatches:  # the rows that learn <|eot_id|>; their contrasts as they are
+        if trip_weight != 1.0:
             e["weight"] = trip_weight
-    if trip_raise:
-        for e in (trips if trip else []) + mismatches:
+        if trip_raise:
             e["raise_only"] = True
     if lorra_alpha > 0 and ((reroute and not harmful) or not retain):
         fail(f"{train_path}: needs both harmful and benign/retain samples "
